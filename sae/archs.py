@@ -1,0 +1,302 @@
+"""SAE architectures: one class per kind behind one interface, found by name in ARCHS.
+
+All kinds share the parameters W_enc [n_latents, d_in], b_enc [n_latents], W_dec [n_latents, d_in], b_dec [d_in]
+and encode as act(W_enc (x - b_dec) + b_enc). Only the activation and the sparsity loss differ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    n_latents: int
+    arch: str = "topk"
+    k: int = 32
+    # where the SAE reads its input; informational, used by harvest/eval to rebuild the hook
+    model: str = ""
+    layer: int = 0
+    site: str = "resid"
+    ctx_len: int = 128
+    l1_coef: float = 5.0           # relu: L1 weighted by decoder norm
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    l0_coef: float = 1.0           # jumprelu: weight of the L0 penalty, scaled by target k
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise InputError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHS)}")
+        for name in ("d_in", "n_latents", "k"):
+            if int(getattr(self, name)) <= 0:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.k >= self.n_latents:
+            raise InputError(f"k ({self.k}) must be smaller than the number of latents ({self.n_latents})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class StepOutput:
+    """What one training forward produces: the loss to minimise and the numbers the progress bar shows."""
+    loss: torch.Tensor
+    recon: torch.Tensor
+    fvu: torch.Tensor
+    l0: torch.Tensor
+    fired: torch.Tensor                   # [n_latents] bool: latents that fired in this batch
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def _fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class SparseAutoencoder(nn.Module):
+    arch: str = ""
+
+    def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.n_latents
+        W = torch.empty(n, d, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(W, a=math.sqrt(5))
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(W.clone())
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+
+    # ---- the shared interface ----
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latent activations [N, n_latents]."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [N, m], indices [N, m]) holding every nonzero activation; zeros pad short rows."""
+        acts = self.encode(x)
+        m = max(int((acts > 0).sum(-1).max().item()), 1)
+        return acts.topk(m, dim=-1, sorted=False)
+
+    def training_step(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepOutput:
+        acts = self.encode(x)
+        recon = self.decode(acts)
+        fvu = _fvu(x, recon)
+        return StepOutput(fvu + self.sparsity_loss(acts, x), recon, fvu, (acts > 0).float().sum(-1).mean(),
+                          (acts > 0).any(0))
+
+    def sparsity_loss(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=x.device)
+
+    # ---- weight maintenance ----
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec.data).sum(-1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec.data
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float):
+        """The SAE was trained on x * scale; afterwards it takes raw x. Decoder rows keep unit norm."""
+        self.b_enc.data /= scale
+        self.b_dec.data /= scale
+
+
+class TopKSAE(SparseAutoencoder):
+    arch = "topk"
+
+    def encode_sparse(self, x):
+        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return vals.relu(), idx
+
+    def activate(self, pre):
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum") + self.b_dec
+
+    def training_step(self, x, dead=None):
+        pre = self.pre_acts(x)
+        vals, idx = self._select(pre)
+        recon = self.decode_sparse(vals, idx)
+        err = x - recon
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = err.pow(2).sum() / total_var
+        aux = self._auxk(pre, err, dead, total_var)
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        l0 = (vals > 0).float().sum(-1).mean()
+        return StepOutput(fvu + aux / 32, recon, fvu, l0, fired, aux)
+
+    def _select(self, pre):
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return vals.relu(), idx
+
+    def _auxk(self, pre, err, dead, total_var):
+        """AuxK (Gao et al.): the dead latents' top activations must explain the residual error."""
+        if dead is None or not bool(dead.any()):
+            return torch.zeros((), device=pre.device)
+        k_aux = min(pre.shape[-1] // 2, int(dead.sum()))
+        masked = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf))
+        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+        aux_recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu().to(self.W_dec.dtype), mode="sum")
+        scale = min(int(dead.sum()) / (pre.shape[-1] // 2), 1.0)
+        return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
+
+
+class BatchTopKSAE(TopKSAE):
+    """Top k·N activations across the whole batch; at inference a learned float32 threshold."""
+    arch = "batchtopk"
+
+    def __init__(self, cfg, device=None, dtype=torch.float32):
+        super().__init__(cfg, device, dtype)
+        self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
+        self.register_buffer("threshold_initialised", torch.zeros((), dtype=torch.bool, device=device))
+
+    def _select(self, pre):
+        if not self.training:
+            return self._threshold_select(pre)
+        flat = pre.relu().flatten()
+        n = pre.shape[0] * self.cfg.k
+        vals, flat_idx = flat.topk(n, sorted=False)
+        rows, cols = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
+        # the smallest selected activation, tracked as an EMA in float32 for inference
+        with torch.no_grad():
+            lo = vals[vals > 0].min().float() if bool((vals > 0).any()) else torch.zeros((), device=pre.device)
+            if bool(self.threshold_initialised):
+                self.threshold.mul_(0.99).add_(0.01 * lo)
+            else:
+                self.threshold.copy_(lo)
+                self.threshold_initialised.fill_(True)
+        dense = torch.zeros_like(pre).index_put_((rows, cols), vals)
+        # keep a fixed-width sparse form: each row's k*4 largest of the selected (rows may exceed k)
+        width = min(pre.shape[1], self.cfg.k * 4)
+        return dense.topk(width, dim=-1, sorted=False)
+
+    def _threshold_select(self, pre):
+        acts = torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
+        m = max(int((acts > 0).sum(-1).max().item()), 1)
+        return acts.topk(m, dim=-1, sorted=False)
+
+    def activate(self, pre):
+        return torch.where(pre > self.threshold.to(pre.dtype), pre, torch.zeros_like(pre))
+
+    def encode_sparse(self, x):
+        return self._threshold_select(self.pre_acts(x))
+
+    def fold_input_scale(self, scale):
+        super().fold_input_scale(scale)
+        self.threshold.data /= scale
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """JumpReLU with a straight-through rectangle-kernel estimate of d/dθ (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, log_threshold, bandwidth):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        near = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        # d/dθ = -(θ/ε)·K((z-θ)/ε), chained through θ = exp(log θ)
+        grad_theta = -(threshold / bw) * (grad * near).sum(0) * threshold
+        return grad_pre, grad_theta.float(), None
+
+
+class _StepFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, log_threshold, bandwidth):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        near = ((pre - threshold).abs() < bw / 2).to(grad.dtype)
+        grad_theta = -(1.0 / bw) * (grad * near).sum(0) * threshold
+        return None, grad_theta.float(), None
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    arch = "jumprelu"
+
+    def __init__(self, cfg, device=None, dtype=torch.float32):
+        super().__init__(cfg, device, dtype)
+        # float32 always: bf16 would round the small threshold updates away
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.n_latents,), math.log(cfg.jumprelu_init_threshold), device=device, dtype=torch.float32))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre):
+        return _JumpReLUFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).to(pre.dtype)
+
+    def sparsity_loss(self, acts, x):
+        # L0 via the step function, normalised so that l0 == k costs l0_coef
+        l0 = _StepFn.apply(self.pre_acts(x).float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        return self.cfg.l0_coef * l0 / self.cfg.k * 0.05
+
+    def fold_input_scale(self, scale):
+        super().fold_input_scale(scale)
+        self.log_threshold.data -= math.log(scale)
+
+
+class ReLUSAE(SparseAutoencoder):
+    arch = "relu"
+
+    def activate(self, pre):
+        return pre.relu()
+
+    def sparsity_loss(self, acts, x):
+        # L1 weighted by decoder norm, relative to the input's variance so l1_coef is scale-free
+        l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return self.cfg.l1_coef * l1 / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).sqrt() / self.cfg.k
+
+
+ARCHS: dict[str, type[SparseAutoencoder]] = {c.arch: c for c in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)}
+
+
+def build(cfg: SAEConfig, device=None, dtype=torch.float32) -> SparseAutoencoder:
+    return ARCHS[cfg.arch](cfg, device=device, dtype=dtype)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL and Redis answer, starting them if they don't (the tests rely on both).
+set -uo pipefail
+pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q; }
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+if ! pg_up; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
+  for _ in $(seq 30); do pg_up && break; sleep 1; done
+fi
+if ! redis_up; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+  for _ in $(seq 30); do redis_up && break; sleep 1; done
+fi
+pg_up || { echo "PostgreSQL is not answering on 127.0.0.1:5432" >&2; exit 1; }
+redis_up || { echo "Redis is not answering on 127.0.0.1:6379" >&2; exit 1; }
+echo "services: postgres and redis answer"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the project and its dependencies into the current Python. Keeps an existing torch;
+# otherwise takes the CPU build on disk (torch==2.13.0) unless a CUDA GPU is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+if ! $PY -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PY -m pip install -q torch
+  else
+    $PY -m pip install -q torch==2.13.0
+  fi
+fi
+# llama-cpp-python compiles llama.cpp once (about 8 minutes on 2 cores); pip caches the wheel after that.
+$PY -m pip install -q -e ".[dev,llm]"
