@@ -1,0 +1,287 @@
+"""SAE directories on disk: our native format, SAELens and sparsify. Loading auto-detects all three.
+
+native    cfg.json (SAEConfig + "format": "interp") + sae.safetensors (our state dict, W_enc [n, d])
+saelens   cfg.json + sae_weights.safetensors, W_enc [d_in, d_sae], W_dec [d_sae, d_in], threshold for jumprelu
+sparsify  cfg.json + sae.safetensors, encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec;
+          also a folder holding exactly one hookpoint subfolder (e.g. layers.3/)
+
+Writes go to a temporary sibling and are renamed into place, so a crash never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .archs import SAEConfig, SparseAutoencoder, build
+from .errors import InputError
+
+FORMATS = ("native", "saelens", "sparsify")
+CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors", "sae_weights.safetensors", \
+    "sae.safetensors"
+
+# SAELens hook names by our site; the reverse map also accepts the resid_pre/mid names it reads
+_SAELENS_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+_SITE_OF_HOOK = {v: k for k, v in _SAELENS_HOOKS.items()}
+
+
+# ---------------------------------------------------------------- writing
+@contextmanager
+def _atomic_dir(out: str | Path):
+    """Yields a temp sibling to fill. A new `out` appears by one rename; an existing one (a training run's folder
+    may hold other files) loses its cfg.json first and gets it back last, so it never looks complete half-way."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        if not out.is_dir():
+            raise InputError(f"output {out} exists and is not a directory; give a new directory path")
+        (out / CFG).unlink(missing_ok=True)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n != CFG] + [n for n in names if n == CFG]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_native(sae: SparseAutoencoder, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """cfg.json (SAEConfig + format + extra) and sae.safetensors (the module's state dict)."""
+    with _atomic_dir(out_dir) as tmp:
+        save_file(_cpu(sae.state_dict()), str(tmp / NATIVE_WEIGHTS), metadata={"format": "interp"})
+        _write_json(tmp / CFG, {**sae.cfg.to_dict(), "format": "interp", **(extra or {})})
+    return Path(out_dir)
+
+
+def _dense_threshold(sae: SparseAutoencoder) -> torch.Tensor | None:
+    """Per-latent float32 threshold for threshold archs (JumpReLU, BatchTopK at inference), else None."""
+    if sae.cfg.arch == "jumprelu":
+        return sae.threshold.detach().float()
+    if sae.cfg.arch == "batchtopk":
+        return sae.threshold.detach().float().expand(sae.cfg.n_latents).clone()
+    return None
+
+
+def save_saelens(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
+    c = sae.cfg
+    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    threshold = _dense_threshold(sae)
+    if threshold is not None:
+        # BatchTopK at inference is a JumpReLU with one shared threshold
+        arch = "jumprelu"
+        tensors["threshold"] = threshold
+    else:
+        arch = {"topk": "topk", "relu": "standard"}[c.arch]
+    hook_name = f"blocks.{c.layer}.{_SAELENS_HOOKS[c.site]}"
+    meta = {"model_name": c.model, "hook_name": hook_name, "hook_layer": c.layer, "hook_head_index": None,
+            "context_size": c.ctx_len, "prepend_bos": True}
+    cfg = {"architecture": arch, "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "activation_fn_str": "topk" if arch == "topk" else "relu",
+           "activation_fn_kwargs": {"k": c.k} if arch == "topk" else {},
+           **({"k": c.k} if arch == "topk" else {}),
+           # legacy (SAELens < 6) keys at the top level, the same values under "metadata" for SAELens 6
+           **meta, "metadata": meta}
+    with _atomic_dir(out_dir) as tmp:
+        save_file(_cpu(tensors), str(tmp / SAELENS_WEIGHTS))
+        _write_json(tmp / CFG, cfg)
+    return Path(out_dir)
+
+
+def save_sparsify(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
+    c = sae.cfg
+    if c.arch != "topk":
+        raise InputError(f"the sparsify format holds TopK SAEs only, not {c.arch!r}; "
+                         "convert this SAE --to native or --to saelens instead")
+    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    # sparsify's loader drops the fields it does not know, so model/layer/site ride along for our loader
+    cfg = {"activation": "topk", "expansion_factor": max(c.n_latents // c.d_in, 1), "normalize_decoder": True,
+           "num_latents": c.n_latents, "k": c.k, "multi_topk": False, "skip_connection": False,
+           "transcode": False, "d_in": c.d_in, "model": c.model, "layer": c.layer, "site": c.site,
+           "ctx_len": c.ctx_len}
+    with _atomic_dir(out_dir) as tmp:
+        save_file(_cpu(tensors), str(tmp / SPARSIFY_WEIGHTS))
+        _write_json(tmp / CFG, cfg)
+    return Path(out_dir)
+
+
+SAVERS = {"native": save_native, "saelens": save_saelens, "sparsify": save_sparsify}
+
+
+# ---------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not readable JSON ({str(e)[:120]}); the SAE directory is damaged") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return obj
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, and OSError, and more
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise InputError(f"{path} is corrupt or truncated ({first}); re-save or re-download it") from None
+
+
+def detect(path: str | Path) -> tuple[str, Path]:
+    """(format, directory holding the files). A folder with exactly one SAE subfolder (sparsify's
+    hookpoint layout) resolves to that subfolder."""
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"SAE directory {str(path)!r} not found; give a folder holding cfg.json and a .safetensors file")
+    if (p / CFG).is_file():
+        if (p / SAELENS_WEIGHTS).is_file():
+            return "saelens", p
+        if (p / NATIVE_WEIGHTS).is_file():
+            return ("native" if _read_json(p / CFG).get("format") == "interp" else "sparsify"), p
+    subs = sorted(d for d in p.iterdir() if d.is_dir() and (d / CFG).is_file())
+    if len(subs) == 1:
+        return detect(subs[0])
+    if len(subs) > 1:
+        raise InputError(f"{p} holds several SAEs ({', '.join(d.name for d in subs)}); give one of those folders")
+    raise InputError(f"{p} is not an SAE directory: expected cfg.json with sae.safetensors (native, sparsify) "
+                     "or sae_weights.safetensors (SAELens)")
+
+
+def _build(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
+    sae = build(cfg)
+    try:
+        sae.load_state_dict({k: v.to(sae.state_dict()[k].dtype) if k in sae.state_dict() else v
+                             for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise InputError(f"{where}: weights do not match its cfg.json ({first})") from None
+    return sae.eval()
+
+
+def _need(state: dict, names: tuple[str, ...], where: Path) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise InputError(f"{where} lacks tensors {', '.join(missing)}; it is not a complete SAE file")
+
+
+def _int(cfg: dict, key: str, where: Path) -> int:
+    try:
+        return int(cfg[key])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{where} has no integer {key!r}") from None
+
+
+def _load_native(d: Path) -> SparseAutoencoder:
+    raw = _read_json(d / CFG)
+    cfg = SAEConfig.from_dict(raw)
+    return _build(cfg, _read_tensors(d / NATIVE_WEIGHTS), d / NATIVE_WEIGHTS)
+
+
+def _saelens_where(raw: dict) -> tuple[str, int, str]:
+    meta = {**raw, **(raw.get("metadata") or {})}
+    hook = str(meta.get("hook_name") or "")
+    m = re.match(r"blocks\.(\d+)\.(\w+)", hook)
+    layer = int(meta["hook_layer"]) if meta.get("hook_layer") is not None else int(m.group(1)) if m else 0
+    site = _SITE_OF_HOOK.get(m.group(2), "resid") if m else "resid"
+    return str(meta.get("model_name") or ""), layer, site
+
+
+def _load_saelens(d: Path) -> SparseAutoencoder:
+    raw = _read_json(d / CFG)
+    wfile = d / SAELENS_WEIGHTS
+    state = _read_tensors(wfile)
+    _need(state, ("W_enc", "b_enc", "W_dec", "b_dec"), wfile)
+    d_in, n = _int(raw, "d_in", d / CFG), _int(raw, "d_sae", d / CFG)
+    if str(raw.get("normalize_activations") or "none") != "none":
+        raise InputError(f"{d / CFG}: normalize_activations={raw['normalize_activations']!r} is not supported; "
+                         "only SAEs trained on raw activations ('none') load")
+    arch_raw = str(raw.get("architecture") or "standard")
+    fn = str(raw.get("activation_fn_str") or "relu")
+    kwargs = raw.get("activation_fn_kwargs") or {}
+    if arch_raw == "topk" or (arch_raw == "standard" and fn == "topk"):
+        arch, k = "topk", int(raw.get("k") or kwargs.get("k") or 0)
+    elif arch_raw == "jumprelu":
+        arch, k = "jumprelu", min(32, n - 1)
+    elif arch_raw == "standard" and fn == "relu":
+        arch, k = "relu", min(32, n - 1)
+    else:
+        raise InputError(f"{d / CFG}: SAELens architecture {arch_raw!r} with activation {fn!r} is not supported; "
+                         "supported: standard (relu), topk, jumprelu")
+    model, layer, site = _saelens_where(raw)
+    W_enc = state["W_enc"].float().T.contiguous()
+    b_enc, b_dec, W_dec = state["b_enc"].float(), state["b_dec"].float(), state["W_dec"].float()
+    if "scaling_factor" in state:  # finetuning scaling multiplies the latents before decoding
+        W_dec = W_dec * state["scaling_factor"].float()[:, None]
+    if not raw.get("apply_b_dec_to_input", True):
+        # we always encode x - b_dec; fold it back into the encoder bias
+        b_enc = b_enc + W_enc @ b_dec
+    ours = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch == "jumprelu":
+        if "threshold" in state:
+            log_t = state["threshold"].float().clamp_min(1e-12).log()
+        elif "log_threshold" in state:
+            log_t = state["log_threshold"].float()
+        else:
+            raise InputError(f"{wfile} is a jumprelu SAE without a threshold tensor")
+        ours["log_threshold"] = log_t
+    cfg = SAEConfig(d_in=d_in, n_latents=n, arch=arch, k=k, model=model, layer=layer, site=site,
+                    ctx_len=int((raw.get("metadata") or raw).get("context_size") or 128))
+    return _build(cfg, ours, wfile)
+
+
+def _load_sparsify(d: Path) -> SparseAutoencoder:
+    raw = _read_json(d / CFG)
+    wfile = d / SPARSIFY_WEIGHTS
+    if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
+        raise InputError(f"{d / CFG}: only plain TopK sparse autoencoders load from sparsify "
+                         "(not groupmax, transcoders or skip connections)")
+    d_in = _int(raw, "d_in", d / CFG)
+    n = int(raw.get("num_latents") or 0) or d_in * int(raw.get("expansion_factor") or 32)
+    state = _read_tensors(wfile)
+    _need(state, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), wfile)
+    # the hookpoint folder name (layers.3, layers.3.mlp) says where the SAE reads when the cfg does not
+    m = re.match(r"(?:.*\.)?layers\.(\d+)(?:\.(\w+))?$", d.name)
+    site_guess = {"mlp": "mlp", "attn": "attn", "self_attn": "attn", "attention": "attn"}.get(m.group(2) or "", "resid") \
+        if m else "resid"
+    cfg = SAEConfig(d_in=d_in, n_latents=n, arch="topk", k=_int(raw, "k", d / CFG), model=str(raw.get("model") or ""),
+                    layer=int(raw.get("layer", int(m.group(1)) if m else 0)), site=str(raw.get("site") or site_guess),
+                    ctx_len=int(raw.get("ctx_len") or 128))
+    ours = {"W_enc": state["encoder.weight"].float(), "b_enc": state["encoder.bias"].float(),
+            "W_dec": state["W_dec"].float(), "b_dec": state["b_dec"].float()}
+    return _build(cfg, ours, wfile)
+
+
+LOADERS = {"native": _load_native, "saelens": _load_saelens, "sparsify": _load_sparsify}
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Any supported SAE directory -> our module (float32, eval mode), with .cfg saying where it reads."""
+    fmt, d = detect(path)
+    return LOADERS[fmt](d).to(device)
+
+
+def convert(path: str | Path, to: str, out: str | Path) -> Path:
+    if to not in SAVERS:
+        raise InputError(f"unknown format {to!r}; valid formats: {', '.join(FORMATS)}")
+    if Path(out).resolve() == Path(path).resolve():
+        raise InputError(f"--out {out} is the input directory; give a different output directory")
+    return SAVERS[to](load_sae(path), out)
