@@ -136,6 +136,16 @@ def n_layers(model: nn.Module) -> int:
     return len(find_blocks(model))
 
 
+def content_mask(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[batch, seq] bool, False where a context opens with the tokenizer's CLS/BOS token: its activation is
+    an outlier (often 10-100x the norm of the rest) that training and evaluation both leave out."""
+    special = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    if special is not None:
+        mask[:, 0] = tokens[:, 0] != special
+    return mask
+
+
 class _Stop(Exception):
     pass
 
