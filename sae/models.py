@@ -92,11 +92,11 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _child_named(block: nn.Module, words: tuple[str, ...]) -> nn.Module | None:
-    for name, child in block.named_children():
-        label = (name + " " + type(child).__name__).lower()
-        if any(w in label for w in words):
-            return child
-    return None
+    # norms and dropouts share the words (GPT-NeoX: post_attention_layernorm, post_mlp_dropout); the sublayer
+    # itself is the matching child holding the most parameters
+    matches = [child for name, child in block.named_children()
+               if any(w in (name + " " + type(child).__name__).lower() for w in words)]
+    return max(matches, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
 def _output_projection(module: nn.Module) -> nn.Module:
