@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .corpus import batches, iter_contexts
 from .errors import InputError
-from .formats import load_sae
+from .formats import load_sae, read_cfg
 from .models import content_mask, hooked, is_causal, pick_device
 
 DENSE_ABOVE = 0.10  # a latent firing on more than this fraction of tokens counts as dense
@@ -68,7 +68,10 @@ def _kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: str | None = None,
              layer: int | None = None, site: str | None = None, device: str = "auto", batch_size: int = 16,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int | None = None, progress: bool = True) -> dict:
+    """Metrics over `tokens` held-out tokens (whole contexts, so up to one context more).
+
+    The held-out split depends on the corpus order, so `seed` defaults to the one the SAE was trained with."""
     if tokens <= 0:
         raise InputError(f"--tokens must be positive, got {tokens}")
     dev = pick_device(device)
@@ -77,6 +80,8 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
     model_name = model or c.model
     if not model_name:
         raise InputError(f"the SAE at {path} does not record its model; give --model (and --layer, --site)")
+    if seed is None:
+        seed = int(read_cfg(path).get("seed") or 0)
     layer = c.layer if layer is None else layer
     site = site or c.site
     hm = hooked(model_name, layer, site, device=str(dev))
@@ -92,8 +97,10 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
     bar = tqdm(total=tokens, unit="tok", desc="eval", disable=not progress, dynamic_ncols=True)
     contexts = iter_contexts(corpus, hm.tokenizer, ctx_len=c.ctx_len, seed=seed, split="eval")
     for batch in batches(contexts, batch_size):
-        batch = batch.to(dev)
         mask = content_mask(batch, hm.tokenizer)
+        # only as many contexts as the token budget needs
+        keep = int((mask.sum(1).cumsum(0) < tokens - n_tok).sum()) + 1
+        batch, mask = batch[:keep].to(dev), mask[:keep].to(dev)
         with torch.no_grad():
             if causal:
                 captured = {}

@@ -273,6 +273,11 @@ def _load_sparsify(d: Path) -> SparseAutoencoder:
 LOADERS = {"native": _load_native, "saelens": _load_saelens, "sparsify": _load_sparsify}
 
 
+def read_cfg(path: str | Path) -> dict:
+    """The raw cfg.json of an SAE directory of any format (native ones carry training extras such as seed)."""
+    return _read_json(detect(path)[1] / CFG)
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Any supported SAE directory -> our module (float32, eval mode), with .cfg saying where it reads."""
     fmt, d = detect(path)
