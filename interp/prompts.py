@@ -1,0 +1,117 @@
+"""Prompt templates (versioned files in interp/prompts/), snippet rendering, escaping and label parsing.
+
+A template file `NAME-vN.txt` holds a system part and a user part split by a `=== user ===` line, with
+`$placeholders` (string.Template, so braces in corpus text or JSON examples need no escaping). The file
+stem is the version stored with every label and score.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from string import Template
+
+from sae.errors import InputError
+
+from .scoring import normalise_activations
+
+PROMPTS = Path(__file__).parent / "prompts"
+MAX_LABEL = 200
+OPEN, CLOSE = "<<", ">>"
+DEFAULT_VERSIONS = {"explain": "explain-v1", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
+                    "detection": "detection-v1", "fuzzing": "fuzzing-v1"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    version: str
+    system: Template
+    user: Template
+
+    def messages(self, **values) -> list[dict]:
+        return [{"role": "system", "content": self.system.substitute(values).strip()},
+                {"role": "user", "content": self.user.substitute(values).strip()}]
+
+
+@lru_cache
+def load(version: str) -> Prompt:
+    path = PROMPTS / f"{version}.txt"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.txt")))
+        raise InputError(f"no prompt template {version!r}; available: {have}")
+    system, sep, user = path.read_text(encoding="utf-8").partition("=== user ===\n")
+    if not sep:
+        raise InputError(f"prompt template {path} has no '=== user ===' line between its system and user parts")
+    return Prompt(version, Template(system), Template(user))
+
+
+def escape(text: str) -> str:
+    """Corpus text, made unable to forge our markup: backslash-escape '\\', '<' and '>' (so no '<<' or '>>'
+    can appear except ours), and show newlines and tabs as visible escapes so a snippet stays on one line
+    and cannot start a fake 'Example' or token line."""
+    text = text.replace("\\", "\\\\").replace("<", "\\<").replace(">", "\\>")
+    text = text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n").replace("\t", "\\t")
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cc")
+
+
+def mark(tokens: list[str], marked: list[bool]) -> str:
+    """One line of text with the marked tokens delimited; the delimiters are never escaped away."""
+    return "".join(f"{OPEN}{escape(t)}{CLOSE}" if m else escape(t) for t, m in zip(tokens, marked))
+
+
+def explain_block(snippets: list[tuple[list[str], list[float]]], max_act: float) -> str:
+    """The explain set: each snippet with its firing tokens marked and their 0-10 activations listed."""
+    out = []
+    for i, (toks, acts) in enumerate(snippets, 1):
+        norm = normalise_activations(acts, max_act)
+        out.append(f"Example {i}: {mark(toks, [n > 0 for n in norm])}")
+        fired = [f"{escape(t).strip() or repr(t)}={n}" for t, n in zip(toks, norm) if n > 0]
+        out.append("Activations: " + (", ".join(fired) if fired else "none"))
+    return "\n".join(out)
+
+
+def token_lines(tokens: list[str]) -> str:
+    """One token per line, for the simulator; empty-looking tokens stay visible."""
+    return "\n".join(escape(t) if t.strip() else repr(t) for t in tokens)
+
+
+def numbered_snippets(snippets: list[str]) -> str:
+    return "\n".join(f"{i}. {s}" for i, s in enumerate(snippets, 1))
+
+
+_REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i won'?t|as an ai)", re.I)
+_LABEL = re.compile(r"label\s*[:：]\s*(.+)", re.I)
+
+
+class LabelError(ValueError):
+    """An answer that holds no usable label; the message is the failure reason recorded."""
+
+
+def parse_label(answer: str | None, refusal: str | None = None) -> str:
+    """One line, at most MAX_LABEL characters, no control characters; raises LabelError with the reason."""
+    if refusal:
+        raise LabelError("refusal")
+    if answer is None or not answer.strip():
+        raise LabelError("empty")
+    if _REFUSAL.match(answer):
+        raise LabelError("refusal")
+    m = _LABEL.search(answer)
+    line = m.group(1) if m else next(ln for ln in answer.splitlines() if ln.strip())
+    line = line.strip().strip("*_`").strip().rstrip(".")
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1]
+    line = clean_label(line)
+    if not any(ch.isalnum() for ch in line):
+        raise LabelError(f"unparseable: {answer.strip()[:60]!r}")
+    return line
+
+
+def clean_label(line: str) -> str:
+    """No control characters (other categories C too: format, surrogates), at most MAX_LABEL characters."""
+    line = "".join(ch for ch in line if unicodedata.category(ch)[0] != "C").strip()
+    if len(line) > MAX_LABEL:
+        cut = line[:MAX_LABEL]
+        line = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return line

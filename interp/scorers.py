@@ -1,0 +1,206 @@
+"""Scorers of a label, run on the score split only: simulation (OpenAI), detection and fuzzing (EleutherAI),
+and the offline embedding scorer (MiniLM). Each returns a `Score` with its per-example breakdown."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sae.errors import InputError
+from sae.records import Example, FeatureExamples
+
+from . import prompts
+from .explainers import window
+from .llm import LLMError
+from .records import ExampleScore, Score, Usage
+from .scoring import auroc, classification_scores, normalise_activations, simulation_scores
+from .simulator import Simulator
+
+SCORERS = ("simulation", "detection", "fuzzing", "embedding")
+_LIST = re.compile(r"\[[^\[\]]*\]")
+
+
+def score_set(fe: FeatureExamples) -> list[Example]:
+    """The score split, refusing any snippet the explainer could have seen (held-out by construction
+    upstream; this is the guard that keeps a leak from silently inflating every score)."""
+    seen = {tuple(e.token_ids) for e in fe.split("explain")}
+    out = fe.split("score")
+    leaked = sum(tuple(e.token_ids) in seen for e in out)
+    if leaked:
+        raise InputError(f"feature {fe.sae}/{fe.index}: {leaked} score-set snippets also appear in the explain set; "
+                         "scores must be computed on held-out snippets only")
+    return out
+
+
+def pick(exs: list[Example], n_active: int, n_random: int) -> list[Example]:
+    """Activating examples spread over the strength range (not only the top) plus random ones."""
+    act = sorted((e for e in exs if e.kind != "random"), key=lambda e: -e.max_act)
+    if len(act) > n_active:
+        act = [act[round(i * (len(act) - 1) / max(1, n_active - 1))] for i in range(n_active)]
+    return act + [e for e in exs if e.kind == "random"][:n_random]
+
+
+def _truth(e: Example) -> int:
+    return int(e.max_act > 0)
+
+
+@dataclass
+class ScoreConfig:
+    n_active: int = 6
+    n_random: int = 6
+    width: int = 24
+    batch: int = 5
+    seed: int = 0
+
+
+async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig = ScoreConfig()) -> Score:
+    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    wins = [window(e, cfg.width) for e in exs]
+    sims = await asyncio.gather(*(simulator.simulate(label, toks) for toks, _ in wins))
+    usage = Usage()
+    for s in sims:
+        usage.add(s.usage)
+    vals = simulation_scores([a for _, a in wins], [s.expected for s in sims])
+    methods = {s.method for s in sims}
+    failures = [s.failure for s in sims if s.failure]
+    breakdown = [ExampleScore(example=fe.split("score").index(e), kind=e.kind, true=a, predicted=s.expected)
+                 for e, (_, a), s in zip(exs, wins, sims)]
+    return Score(sae=fe.sae, index=fe.index, scorer="simulation", simulator=simulator.client.spec,
+                 prompt_version=simulator.prompt_version if methods == {"logprobs"} else simulator.json_version,
+                 label=label, method=methods.pop() if len(methods) == 1 else "mixed",
+                 value=vals["ev_correlation_score"], values=vals, usage=usage, breakdown=breakdown,
+                 failure=f"{len(failures)}/{len(sims)} sequences failed: {failures[0]}" if failures else None)
+
+
+def _binary_answers(text: str, logprobs, n: int) -> tuple[list[int] | None, list[float] | None]:
+    """The first JSON list of n 0/1 answers, and P(1) for each from the top_logprobs of its token."""
+    m = _LIST.search(text or "")
+    if not m:
+        return None, None
+    try:
+        vals = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        return None, None
+    if len(vals) != n or any(v not in (0, 1) for v in vals):
+        return None, None
+    if logprobs is None:
+        return [int(v) for v in vals], None
+    probs, pos = [], 0
+    for t in logprobs:
+        if pos >= m.start() and t.token.strip() in ("0", "1") and len(probs) < n:
+            p0 = math.exp(t.top.get("0", t.top.get(" 0", -math.inf)))
+            p1 = math.exp(t.top.get("1", t.top.get(" 1", -math.inf)))
+            probs.append(p1 / (p0 + p1) if p0 + p1 > 0 else float(t.token.strip() == "1"))
+        pos += len(t.token)
+    return [int(v) for v in vals], (probs if len(probs) == n else None)
+
+
+def _fuzz_marks(exs: list[Example], wins, rng: random.Random) -> list[list[bool]]:
+    """Activating snippets mark their firing tokens; the others get as many random marks, on average."""
+    marks, counts = [], []
+    for e, (toks, acts) in zip(exs, wins):
+        if _truth(e):
+            m = [n > 0 for n in normalise_activations(acts, max(acts))]
+            marks.append(m)
+            counts.append(sum(m))
+        else:
+            marks.append(None)
+    mean = max(1, round(sum(counts) / len(counts))) if counts else 1
+    for i, (toks, _) in enumerate(wins):
+        if marks[i] is None:
+            chosen = set(rng.sample(range(len(toks)), min(mean, len(toks))))
+            marks[i] = [j in chosen for j in range(len(toks))]
+    return marks
+
+
+async def classify(kind: str, fe, label, client, cfg: ScoreConfig = ScoreConfig()) -> Score:
+    """Detection or fuzzing: batches of `cfg.batch` snippets, activating and not mixed, a 0/1 per snippet."""
+    rng = random.Random(cfg.seed * 1_000_003 + fe.index)
+    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    rng.shuffle(exs)
+    wins = [window(e, cfg.width) for e in exs]
+    marks = _fuzz_marks(exs, wins, rng) if kind == "fuzzing" else [[False] * len(t) for t, _ in wins]
+    texts = [prompts.mark(toks, m) for (toks, _), m in zip(wins, marks)]
+    prompt = prompts.load(prompts.DEFAULT_VERSIONS[kind])
+    batches = [list(range(i, min(i + cfg.batch, len(exs)))) for i in range(0, len(exs), cfg.batch)]
+
+    async def run(idx):
+        msgs = prompt.messages(label=prompts.escape(label), n=len(idx),
+                               snippets=prompts.numbered_snippets([texts[i] for i in idx]))
+        try:
+            c = await client.chat(msgs, max_tokens=4 * len(idx) + 8, logprobs=True, top_logprobs=5)
+        except LLMError as e:
+            return None, None, Usage(), f"error: {e}"
+        preds, probs = _binary_answers(c.text, c.logprobs, len(idx))
+        return preds, probs, c.usage, None if preds else f"unparseable: {c.text.strip()[:60]!r}"
+
+    results = await asyncio.gather(*(run(b) for b in batches))
+    usage, y, yhat, proba, breakdown, failures = Usage(), [], [], [], [], []
+    has_probs = True
+    score_split = fe.split("score")
+    for idx, (preds, probs, u, fail) in zip(batches, results):
+        usage.add(u)
+        if fail:
+            failures.append(fail)
+            continue
+        has_probs = has_probs and probs is not None
+        for j, i in enumerate(idx):
+            y.append(_truth(exs[i]))
+            yhat.append(preds[j])
+            proba.append(probs[j] if probs else None)
+            breakdown.append(ExampleScore(example=score_split.index(exs[i]), kind=exs[i].kind, true=y[-1],
+                                          predicted=preds[j], probability=proba[-1]))
+    vals = classification_scores(y, yhat, proba if has_probs and y else None) if y else \
+        dict.fromkeys(("balanced_accuracy", "precision", "recall", "f1", "auroc"))
+    return Score(sae=fe.sae, index=fe.index, scorer=kind, simulator=client.spec, prompt_version=prompt.version,
+                 label=label, method="logprobs" if has_probs and y else "json", value=vals["balanced_accuracy"],
+                 values=vals, usage=usage, breakdown=breakdown,
+                 failure=f"{len(failures)}/{len(batches)} batches failed: {failures[0]}" if failures else None)
+
+
+@lru_cache(maxsize=1)
+def minilm_encoder():
+    from sentence_transformers import SentenceTransformer
+
+    from sae.models import minilm_path
+
+    return SentenceTransformer(str(minilm_path()), device="cpu")
+
+
+def embedding(fe, label, cfg: ScoreConfig = ScoreConfig(), encoder=None) -> Score:
+    """Offline: AUROC of cosine(label, snippet) separating activating from non-activating snippets."""
+    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    texts = ["".join(window(e, cfg.width)[0]) for e in exs]
+    enc = encoder or minilm_encoder()
+    vecs = enc.encode([label] + texts, normalize_embeddings=True, convert_to_numpy=True)
+    sims = (vecs[1:] @ vecs[0]).tolist()
+    y = [_truth(e) for e in exs]
+    value = auroc(y, sims)
+    split = fe.split("score")
+    return Score(sae=fe.sae, index=fe.index, scorer="embedding", simulator="minilm", prompt_version="embedding-v1",
+                 label=label, method="embedding", value=value, values={"auroc": value},
+                 breakdown=[ExampleScore(example=split.index(e), kind=e.kind, true=t, predicted=None, probability=s)
+                            for e, t, s in zip(exs, y, sims)])
+
+
+async def run_scorers(fe: FeatureExamples, label: str, names, client=None, cfg: ScoreConfig = ScoreConfig()) -> list[Score]:
+    """All requested scorers for one label, LLM calls concurrent."""
+    bad = [n for n in names if n not in SCORERS]
+    if bad:
+        raise InputError(f"unknown scorer {bad[0]!r}; choose from {', '.join(SCORERS)}")
+    if client is None and any(n != "embedding" for n in names):
+        raise InputError("scorers simulation, detection and fuzzing need an LLM simulator (openai:MODEL, "
+                         "openai:local or hf:PATH); with baseline only the embedding scorer runs")
+    jobs = []
+    for n in names:
+        if n == "simulation":
+            jobs.append(simulation(fe, label, Simulator(client), cfg))
+        elif n in ("detection", "fuzzing"):
+            jobs.append(classify(n, fe, label, client, cfg))
+        else:
+            jobs.append(asyncio.to_thread(embedding, fe, label, cfg))
+    return list(await asyncio.gather(*jobs))
