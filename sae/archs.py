@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern
 
 
 @dataclass
@@ -103,13 +104,14 @@ class SparseAutoencoder(nn.Module):
         return acts.topk(m, dim=-1, sorted=False)
 
     def training_step(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepOutput:
-        acts = self.encode(x)
+        pre = self.pre_acts(x)
+        acts = self.activate(pre)
         recon = self.decode(acts)
         fvu = _fvu(x, recon)
-        return StepOutput(fvu + self.sparsity_loss(acts, x), recon, fvu, (acts > 0).float().sum(-1).mean(),
+        return StepOutput(fvu + self.sparsity_loss(pre, acts, x), recon, fvu, (acts > 0).float().sum(-1).mean(),
                           (acts > 0).any(0))
 
-    def sparsity_loss(self, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=x.device)
 
     # ---- weight maintenance ----
@@ -132,6 +134,8 @@ class SparseAutoencoder(nn.Module):
 
 
 class TopKSAE(SparseAutoencoder):
+    """k largest pre-activations per token. Training runs on the sparse kernels (sae.kernels): one dense
+    matmul picks the latents without autograd, and every gradient touches only the picked entries."""
     arch = "topk"
 
     def encode_sparse(self, x):
@@ -145,32 +149,42 @@ class TopKSAE(SparseAutoencoder):
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum") + self.b_dec
 
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Pattern]:
+        """(pre-activation values [nnz], pattern) of the latents that fire."""
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return vals.reshape(-1), topk_pattern(idx, pre.shape[1])
+
     def training_step(self, x, dead=None):
-        pre = self.pre_acts(x)
-        vals, idx = self._select(pre)
-        recon = self.decode_sparse(vals, idx)
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = F.linear(xc, self.W_enc, self.b_enc)
+            known, pattern = self._select(pre)
+        acts = sparse_linear(xc, self.W_enc, self.b_enc, pattern, known).relu()
+        recon = sparse_decode(acts, self.W_dec, pattern) + self.b_dec
         err = x - recon
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         fvu = err.pow(2).sum() / total_var
-        aux = self._auxk(pre, err, dead, total_var)
-        fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
-        fired[idx[vals > 0]] = True
-        l0 = (vals > 0).float().sum(-1).mean()
+        aux = self._auxk(xc, pre, err, dead, total_var)
+        with torch.no_grad():
+            on = acts > 0
+            fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
+            fired[pattern.col[on]] = True
+            l0 = on.sum().float() / x.shape[0]
         return StepOutput(fvu + aux / 32, recon, fvu, l0, fired, aux)
 
-    def _select(self, pre):
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return vals.relu(), idx
-
-    def _auxk(self, pre, err, dead, total_var):
-        """AuxK (Gao et al.): the dead latents' top activations must explain the residual error."""
-        if dead is None or not bool(dead.any()):
-            return torch.zeros((), device=pre.device)
-        k_aux = min(pre.shape[-1] // 2, int(dead.sum()))
-        masked = torch.where(dead[None], pre, torch.full_like(pre, -torch.inf))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        aux_recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.relu().to(self.W_dec.dtype), mode="sum")
-        scale = min(int(dead.sum()) / (pre.shape[-1] // 2), 1.0)
+    def _auxk(self, xc, pre, err, dead, total_var):
+        """AuxK (Gao et al.): the dead latents' top activations must explain the residual error. Unlike
+        sparsify, the gradient also reaches the encoder, so dead latents can move toward the data."""
+        n_dead = 0 if dead is None else int(dead.sum())
+        if n_dead == 0:
+            return torch.zeros((), device=xc.device)
+        k_aux = min(xc.shape[-1] // 2, n_dead)
+        with torch.no_grad():
+            vals, idx = pre.masked_fill(~dead[None], -torch.inf).topk(k_aux, dim=-1, sorted=False)
+            pattern = topk_pattern(idx, pre.shape[1])
+        aux_acts = sparse_linear(xc, self.W_enc, self.b_enc, pattern, vals.reshape(-1)).relu()
+        aux_recon = sparse_decode(aux_acts, self.W_dec, pattern)
+        scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
         return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
 
 
@@ -185,34 +199,30 @@ class BatchTopKSAE(TopKSAE):
 
     def _select(self, pre):
         if not self.training:
-            return self._threshold_select(pre)
-        flat = pre.relu().flatten()
-        n = pre.shape[0] * self.cfg.k
-        vals, flat_idx = flat.topk(n, sorted=False)
-        rows, cols = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
+            on = pre > self.threshold.to(pre.dtype)
+            flat = on.reshape(-1).nonzero().squeeze(1)
+            pattern, _ = flat_pattern(flat, pre.shape[0], pre.shape[1])
+            return pre[on], pattern
+        vals, flat_idx = pre.relu().flatten().topk(pre.shape[0] * self.cfg.k, sorted=False)
         # the smallest selected activation, tracked as an EMA in float32 for inference
-        with torch.no_grad():
-            lo = vals[vals > 0].min().float() if bool((vals > 0).any()) else torch.zeros((), device=pre.device)
+        pos = vals > 0
+        if bool(pos.any()):
+            lo = vals[pos].min().float()
             if bool(self.threshold_initialised):
                 self.threshold.mul_(0.99).add_(0.01 * lo)
             else:
                 self.threshold.copy_(lo)
                 self.threshold_initialised.fill_(True)
-        dense = torch.zeros_like(pre).index_put_((rows, cols), vals)
-        # keep a fixed-width sparse form: each row's k*4 largest of the selected (rows may exceed k)
-        width = min(pre.shape[1], self.cfg.k * 4)
-        return dense.topk(width, dim=-1, sorted=False)
-
-    def _threshold_select(self, pre):
-        acts = torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
-        m = max(int((acts > 0).sum(-1).max().item()), 1)
-        return acts.topk(m, dim=-1, sorted=False)
+        pattern, order = flat_pattern(flat_idx, pre.shape[0], pre.shape[1])
+        return vals[order], pattern
 
     def activate(self, pre):
         return torch.where(pre > self.threshold.to(pre.dtype), pre, torch.zeros_like(pre))
 
     def encode_sparse(self, x):
-        return self._threshold_select(self.pre_acts(x))
+        acts = self.activate(self.pre_acts(x))
+        m = max(int((acts > 0).sum(-1).max().item()), 1)
+        return acts.topk(m, dim=-1, sorted=False)
 
     def fold_input_scale(self, scale):
         super().fold_input_scale(scale)
@@ -273,9 +283,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate(self, pre):
         return _JumpReLUFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).to(pre.dtype)
 
-    def sparsity_loss(self, acts, x):
+    def sparsity_loss(self, pre, acts, x):
         # L0 via the step function, normalised so that l0 == k costs l0_coef
-        l0 = _StepFn.apply(self.pre_acts(x).float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        l0 = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
         return self.cfg.l0_coef * l0 / self.cfg.k * 0.05
 
     def fold_input_scale(self, scale):
@@ -289,7 +299,7 @@ class ReLUSAE(SparseAutoencoder):
     def activate(self, pre):
         return pre.relu()
 
-    def sparsity_loss(self, acts, x):
+    def sparsity_loss(self, pre, acts, x):
         # L1 weighted by decoder norm, relative to the input's variance so l1_coef is scale-free
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
         return self.cfg.l1_coef * l1 / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).sqrt() / self.cfg.k

@@ -1,0 +1,168 @@
+"""TopK SAE training step: ours (sae.archs.TopKSAE on sae.kernels) against eai-sparsify 1.3.3's SparseCoder.
+
+Same config, same device, same process, equal batch, same initial weights, same optimiser and the same
+synthetic activations (a sparse mix of random unit directions, so FVU after training means something).
+Steps alternate in blocks between the two, so a busy shared machine slows both alike.
+Prints a table and one JSON line.
+
+    flock /tmp/bench.lock python bench/train_speed.py            # CPU: d=384, 4096 latents, k=16
+    python bench/train_speed.py --gpu                            # the two H100 configs of ARCHITECTURE.md
+
+Needs: pip install --no-deps eai-sparsify==1.3.3 natsort simple-parsing docstring-parser einops accelerate
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+from sae.archs import SAEConfig, TopKSAE
+
+CPU_CONFIGS = [dict(name="cpu-384-4k", d=384, m=4096, k=16, batch=4096)]
+GPU_CONFIGS = [dict(name="gpt2s-32k", d=768, m=32768, k=32, batch=8192),
+               dict(name="llama8b-131k", d=4096, m=131072, k=64, batch=4096)]
+
+
+def load_sparsify():
+    """sparsify's package __init__ imports its trainer and `datasets`; the coder itself needs neither."""
+    spec = importlib.util.find_spec("sparsify")
+    if spec is None:
+        sys.exit("eai-sparsify is not installed: pip install --no-deps eai-sparsify==1.3.3 natsort "
+                 "simple-parsing docstring-parser einops accelerate")
+    pkg = types.ModuleType("sparsify")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["sparsify"] = pkg
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
+    return SparseCoder, SparseCoderConfig
+
+
+class Synthetic:
+    """x = sparse nonnegative codes over n_true random unit directions, plus a mean offset and noise."""
+
+    def __init__(self, d: int, n_true: int, device, seed: int = 0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dirs = torch.randn(n_true, d, generator=g)
+        self.dirs = (dirs / dirs.norm(dim=1, keepdim=True)).to(device)
+        self.offset = (torch.randn(d, generator=g) * 0.5).to(device)
+        self.n_true, self.d, self.device = n_true, d, device
+        self.g = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def batch(self, n: int) -> torch.Tensor:
+        active = torch.rand(n, self.n_true, generator=self.g, device=self.device) < 20 / self.n_true
+        mags = torch.rand(n, self.n_true, generator=self.g, device=self.device) * 2
+        x = (active * mags) @ self.dirs + self.offset
+        return x + 0.05 * torch.randn(n, self.d, generator=self.g, device=self.device)
+
+
+def make_pair(c, device, SparseCoder, SparseCoderConfig, first: torch.Tensor, lr: float):
+    sp = SparseCoder(c["d"], SparseCoderConfig(num_latents=c["m"], k=c["k"]), device=device)
+    ours = TopKSAE(SAEConfig(d_in=c["d"], n_latents=c["m"], k=c["k"]), device=device)
+    with torch.no_grad():
+        sp.b_dec.copy_(first.mean(0))
+        ours.W_enc.copy_(sp.encoder.weight)
+        ours.b_enc.copy_(sp.encoder.bias)
+        ours.W_dec.copy_(sp.W_dec)
+        ours.b_dec.copy_(sp.b_dec)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    opt_sp = torch.optim.Adam(sp.parameters(), lr=lr)
+
+    def step_sp(x):
+        out = sp(x)  # sparsify wraps its forward in bf16 autocast on CUDA itself
+        out.fvu.backward()
+        sp.remove_gradient_parallel_to_decoder_directions()
+        opt_sp.step()
+        opt_sp.zero_grad(set_to_none=True)
+        sp.set_decoder_norm_to_unit_norm()
+        return out.fvu
+
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=lr)
+
+    def step_ours(x):
+        with autocast:
+            out = ours.training_step(x)
+        out.loss.backward()
+        ours.remove_gradient_parallel_to_decoder_directions()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        ours.set_decoder_norm_to_unit_norm()
+        return out.fvu
+
+    return {"sparsify": step_sp, "ours": step_ours}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_config(c, device, steps: int, block: int, lr: float, classes) -> dict:
+    data = Synthetic(c["d"], 4 * c["m"], device)
+    first = data.batch(c["batch"])
+    steps_fn = make_pair(c, device, *classes, first, lr)
+    times = {name: [] for name in steps_fn}
+    fvu = {name: [] for name in steps_fn}
+    peak = {}
+    for b0 in range(0, steps, block):
+        xs = [data.batch(c["batch"]) for _ in range(min(block, steps - b0))]
+        for name, step in steps_fn.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for x in xs:
+                sync(device)
+                t0 = time.perf_counter()
+                f = step(x)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+                fvu[name].append(float(f.detach()))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    warm = min(3, steps - 1)
+    res = {"config": c["name"], "d": c["d"], "latents": c["m"], "k": c["k"], "batch": c["batch"], "steps": steps}
+    for name in steps_fn:
+        med = statistics.median(times[name][warm:])
+        res[f"{name}_tok_s"] = round(c["batch"] / med)
+        res[f"{name}_ms_step"] = round(med * 1e3, 2)
+        res[f"{name}_fvu_end"] = round(statistics.mean(fvu[name][-block:]), 4)
+        if name in peak:
+            res[f"{name}_peak_gib"] = round(peak[name], 2)
+    res["speedup"] = round(res["ours_tok_s"] / res["sparsify_tok_s"], 2)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true", help="run the GPU configs on cuda")
+    ap.add_argument("--steps", type=int, default=60, help="training steps per implementation")
+    ap.add_argument("--block", type=int, default=10, help="steps in a row before switching implementation")
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    classes = load_sparsify()
+    rows = [run_config(c, device, args.steps, args.block, args.lr, classes)
+            for c in (GPU_CONFIGS if args.gpu else CPU_CONFIGS)]
+    dev_name = torch.cuda.get_device_name() if args.gpu else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device: {dev_name}, torch {torch.__version__}")
+    print(f"{'config':<14}{'sparsify tok/s':>16}{'ours tok/s':>12}{'speedup':>9}{'sparsify FVU':>14}{'ours FVU':>10}"
+          + ("  peak GiB (sparsify/ours)" if args.gpu else ""))
+    for r in rows:
+        print(f"{r['config']:<14}{r['sparsify_tok_s']:>16,}{r['ours_tok_s']:>12,}{r['speedup']:>8}x"
+              f"{r['sparsify_fvu_end']:>14}{r['ours_fvu_end']:>10}"
+              + (f"  {r.get('sparsify_peak_gib')}/{r.get('ours_peak_gib')}" if args.gpu else ""))
+    print(json.dumps({"bench": "train_speed", "device": dev_name, "torch": torch.__version__, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

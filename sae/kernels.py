@@ -1,0 +1,145 @@
+"""The sparse speed path of TopK/BatchTopK training: only the selected (token, latent) entries are touched.
+
+A selection is a CSR pattern over [tokens, latents]. Three products cover the forward and backward of both
+the encoder and the decoder:
+  gather-dot   v[e] = a[row e] . W[col e]        (sampled dense-dense product, SDDMM)
+  spmm         y[n] = sum_e v[e] W[col e]         (embedding_bag over each token's entries)
+  spmm^T       G[j] = sum_e v[e] a[row e]         (the pattern transposed, times a dense matrix)
+so a step costs O(tokens * k * d) beyond the one dense encoder matmul that picks the latents, instead of
+sparsify's materialised [tokens, k, d] contributions and dense zero-filled gradients.
+spmm^T and the gather-dot run as MKL/cuSPARSE CSR kernels through torch.sparse; the transpose's sort is
+done once per step and shared by the encoder and the decoder.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+# torch.sparse CSR is marked beta; we build the patterns ourselves, sorted and in range, so say so once
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+@dataclass(eq=False)
+class Pattern:
+    """Selected entries of a [n_rows, n_cols] matrix in CSR form, rows ascending, row-major entry order."""
+    crow: torch.Tensor      # [n_rows + 1] int64
+    col: torch.Tensor       # [nnz] int64
+    n_cols: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.crow.numel() - 1
+
+    @cached_property
+    def row(self) -> torch.Tensor:
+        counts = self.crow.diff()
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.col.device), counts,
+                                       output_size=self.col.numel())
+
+    @cached_property
+    def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(perm, crow_t, row_sorted): entries sorted by column, for products with the pattern transposed."""
+        perm = torch.argsort(self.col, stable=True)
+        counts = torch.bincount(self.col, minlength=self.n_cols)
+        crow_t = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.col.device)
+        torch.cumsum(counts, 0, out=crow_t[1:])
+        return perm, crow_t, self.row[perm]
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.n_rows, self.n_cols))
+
+    def spmm(self, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """y[n] = sum over entries e of row n: values[e] * W[col e]  -> [n_rows, d]."""
+        return F.embedding_bag(self.col, W, self.crow[:-1], mode="sum", per_sample_weights=values.to(W.dtype),
+                               include_last_offset=False)
+
+    def spmm_t(self, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """G[j] = sum over entries e of column j: values[e] * a[row e]  -> [n_cols, d]."""
+        perm, crow_t, row_sorted = self._transpose
+        St = torch.sparse_csr_tensor(crow_t, row_sorted, values[perm].to(a.dtype), size=(self.n_cols, self.n_rows))
+        return St @ a
+
+    def gather_dot(self, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """v[e] = a[row e] . W[col e]  -> [nnz]."""
+        if self.col.numel() == 0:
+            return a.new_zeros(0)
+        S = self.csr(torch.zeros(self.col.numel(), dtype=a.dtype, device=a.device))
+        return torch.sparse.sampled_addmm(S, a, W.to(a.dtype).t(), beta=0.0).values()
+
+
+def topk_pattern(idx: torch.Tensor, n_cols: int) -> Pattern:
+    """Each row's k selected columns (from torch.topk) as a pattern; entry order is idx.flatten()'s."""
+    n, k = idx.shape
+    crow = torch.arange(0, n * k + 1, k, device=idx.device)
+    return Pattern(crow, idx.reshape(-1).long(), n_cols)
+
+
+def flat_pattern(flat_idx: torch.Tensor, n_rows: int, n_cols: int) -> tuple[Pattern, torch.Tensor]:
+    """Entries given as row-major flat indices in any order -> (pattern, order) with pattern entry e being
+    flat_idx[order[e]]."""
+    order = torch.argsort(flat_idx)
+    flat = flat_idx[order]
+    rows, cols = flat // n_cols, flat % n_cols
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
+    return Pattern(crow, cols, n_cols), order
+
+
+class _SparseLinear(torch.autograd.Function):
+    """values[e] = a[row e] . W[col e] + b[col e] at a pattern's entries; `known` skips the forward product
+    when the caller already has these values (the dense selection matmul computed them)."""
+
+    @staticmethod
+    def forward(ctx, a, W, b, pattern: Pattern, known):
+        ctx.save_for_backward(a, W)
+        ctx.pattern = pattern
+        if known is not None:
+            return known.to(a.dtype)
+        return pattern.gather_dot(a, W) + b[pattern.col].to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, W = ctx.saved_tensors
+        p: Pattern = ctx.pattern
+        grad = grad.float()
+        grad_a = p.spmm(grad, W.float()).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = p.spmm_t(grad, a.float()).to(W.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(p.n_cols, dtype=torch.float32, device=grad.device).index_add_(0, p.col, grad)
+        return grad_a, grad_W, grad_b, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """y[n] = sum_e values[e] W[col e] over row n's entries; backward touches only the selected rows of W."""
+
+    @staticmethod
+    def forward(ctx, values, W, pattern: Pattern):
+        ctx.save_for_backward(values, W)
+        ctx.pattern = pattern
+        return pattern.spmm(values, W)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, W = ctx.saved_tensors
+        p: Pattern = ctx.pattern
+        grad = grad.float()
+        grad_v = p.gather_dot(grad, W.float()).to(values.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = p.spmm_t(values.float(), grad).to(W.dtype) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_W, None
+
+
+def sparse_linear(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor, pattern: Pattern,
+                  known: torch.Tensor | None = None) -> torch.Tensor:
+    """[nnz] pre-activations at the pattern's entries, differentiable in a, W and b."""
+    return _SparseLinear.apply(a, W, b, pattern, known)
+
+
+def sparse_decode(values: torch.Tensor, W: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """[n_rows, d] = the pattern with these values times W, differentiable in values and W."""
+    return _SparseDecode.apply(values, W, pattern)
