@@ -79,7 +79,8 @@ def _retry_after(headers) -> float | None:
 
 @dataclass
 class OpenAIClient:
-    """AsyncOpenAI with a concurrency limit, timeouts and our own retries."""
+    """AsyncOpenAI with a concurrency limit, timeouts and our own retries. Create it inside the event loop
+    that uses it (a Celery task: one loop and one client per task run); its connection pool is per loop."""
     model: str
     base_url: str | None = None
     api_key: str = "none"

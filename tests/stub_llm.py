@@ -2,7 +2,7 @@
 
 Tests set `stub.responder` (request body -> Reply) and queue faults with `stub.fault(...)`; each queued
 fault answers one request, in order, then normal replies resume. Faults: "429" (with Retry-After),
-"500", "503", "reset" (TCP reset), "timeout" (answers after `stall_s`), "malformed" (invalid JSON body),
+"500", "503", "400" (not retryable), "reset" (TCP reset), "timeout" (answers after `stall_s`), "malformed" (invalid JSON body),
 "empty" (empty content), "refusal", "nologprobs" (a normal answer without logprobs).
 """
 from __future__ import annotations
@@ -62,6 +62,7 @@ class StubLLM:
         self.requests: list[dict] = []
         self.request_times: list[float] = []
         self._faults: deque[str] = deque()
+        self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -116,11 +117,23 @@ class StubLLM:
                     stub.requests.append(body)
                     stub.request_times.append(time.monotonic())
                 fault = stub._next_fault()
+                with stub._lock:
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+                try:
+                    self._answer(body, fault)
+                finally:
+                    with stub._lock:
+                        stub.in_flight -= 1
+
+            def _answer(self, body, fault):
                 if stub.latency_s:
                     time.sleep(stub.latency_s)
                 if fault == "429":
                     return self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}',
                                       {"Retry-After": stub.retry_after})
+                if fault == "400":
+                    return self._send(400, b'{"error": {"message": "bad request: unknown parameter"}}')
                 if fault in ("500", "503"):
                     return self._send(int(fault), b'{"error": {"message": "server error"}}')
                 if fault == "reset":

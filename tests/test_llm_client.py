@@ -1,0 +1,151 @@
+"""The OpenAI-compatible client against the stub server over real HTTP: every fault and what the client does."""
+import asyncio
+import logging
+import time
+
+import pytest
+
+from interp.llm import Backoff, LLMError, OpenAIClient, make_client
+from sae.errors import InputError
+from tests.stub_llm import Reply, StubLLM
+
+MSG = [{"role": "user", "content": "say something"}]
+
+
+@pytest.fixture
+def stub():
+    with StubLLM(stall_s=1.5, retry_after="0.3") as s:
+        s.responder = lambda body: Reply("Label: fine answer")
+        yield s
+
+
+def client(stub, **kw):
+    kw = {"timeout_s": 0.5, "max_retries": 2, "backoff": Backoff(0.01, 0.02), **kw}
+    return OpenAIClient(model="m", base_url=stub.url, api_key="sk-SECRET-123", **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_429_waits_for_retry_after_then_succeeds(stub):
+    stub.fault("429")
+    t = time.monotonic()
+    c = run(client(stub).chat(MSG))
+    assert c.text == "Label: fine answer"
+    assert len(stub.request_times) == 2
+    # backoff alone would be <= 0.02 s; the server asked for 0.3 s
+    assert stub.request_times[1] - stub.request_times[0] >= 0.3
+    assert c.usage.calls == 2
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "reset", "malformed"])
+def test_transient_faults_are_retried(stub, fault):
+    stub.fault(fault)
+    cl = client(stub)
+    c = run(cl.chat(MSG))
+    assert c.text == "Label: fine answer"
+    assert len(stub.requests) == 2 and cl.retries == 1
+
+
+def test_timeout_is_retried_and_bounded(stub):
+    stub.fault("timeout")
+    t = time.monotonic()
+    assert run(client(stub).chat(MSG)).text == "Label: fine answer"
+    assert 0.5 <= time.monotonic() - t < 1.5       # gave up on the stalled call at the 0.5 s timeout
+    stub.fault("timeout", "timeout")
+    with pytest.raises(LLMError, match=r"timeout after 0.5s .*gave up after 2 attempts"):
+        run(client(stub, max_retries=1).chat(MSG))
+
+
+def test_retries_exhausted_raise_one_clear_error_and_count_calls(stub):
+    stub.fault("500", "503", "500")
+    cl = client(stub)
+    with pytest.raises(LLMError, match="HTTP 500 .*gave up after 3 attempts"):
+        run(cl.chat(MSG))
+    assert cl.usage.calls == 3
+
+
+@pytest.mark.parametrize("fault", ["400"])
+def test_client_errors_are_not_retried(stub, fault):
+    with pytest.raises(LLMError, match="HTTP 400"):
+        stub.fault(fault)
+        run(client(stub).chat(MSG))
+    assert len(stub.requests) == 1
+
+
+def test_malformed_json_every_time_fails_cleanly(stub):
+    stub.fault("malformed", "malformed", "malformed")
+    with pytest.raises(LLMError, match="malformed response"):
+        run(client(stub).chat(MSG))
+
+
+def test_empty_refusal_and_missing_logprobs_come_back_as_data(stub):
+    stub.fault("empty", "refusal", "nologprobs")
+
+    async def four():
+        cl = client(stub)
+        return [await cl.chat(MSG, logprobs=True, top_logprobs=5) for _ in range(4)]
+
+    empty, refusal, nolp, ok = run(four())
+    assert empty.text == "" and refusal.refusal and nolp.logprobs is None
+    assert ok.logprobs is not None and "".join(t.token for t in ok.logprobs) == ok.text
+    assert stub.requests[-1]["logprobs"] is True and stub.requests[-1]["top_logprobs"] == 5
+
+
+def test_tokens_are_counted_per_call_and_accumulated(stub):
+    async def two():
+        cl = client(stub)
+        return cl, await cl.chat(MSG), await cl.chat(MSG)
+
+    cl, a, b = run(two())
+    # the stub's usage: "say", " something" in; "Label", ":", " fine", " answer" out
+    assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (2, 4)
+    assert cl.usage.total == a.usage.total + b.usage.total
+
+
+def test_concurrency_limit_holds_under_load():
+    with StubLLM(latency_s=0.1) as stub:
+        cl = OpenAIClient(model="m", base_url=stub.url, concurrency=3, timeout_s=5)
+
+        async def many():
+            return await asyncio.gather(*(cl.chat(MSG) for _ in range(9)))
+
+        t = time.monotonic()
+        assert len(run(many())) == 9
+        assert stub.max_in_flight == 3
+        assert time.monotonic() - t >= 0.3 - 0.01
+
+
+def test_api_key_never_in_repr_or_logs(stub, caplog):
+    caplog.set_level(logging.DEBUG)
+    stub.fault("503")
+    cl = client(stub)
+    run(cl.chat(MSG))
+    assert "sk-SECRET-123" not in repr(cl)
+    assert "sk-SECRET-123" not in caplog.text
+    assert "retry 1" in caplog.text
+
+
+def test_spec_parsing(monkeypatch):
+    from interp.settings import get_settings
+
+    assert make_client("baseline") is None
+    local = make_client("openai:local")
+    s = get_settings()
+    assert local.base_url == f"http://{s.local_llm_host}:{s.local_llm_port}/v1" and local.spec == "openai:local"
+    with pytest.raises(InputError, match="unknown LLM spec 'gpt4'"):
+        make_client("gpt4")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(InputError, match="needs OPENAI_API_KEY"):
+            make_client("openai:gpt-4o-mini")
+        monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-abc")
+        get_settings.cache_clear()
+        c = make_client("openai:some-model")
+        assert c.model == "some-model" and "sk-abc" not in repr(c)
+    finally:
+        get_settings.cache_clear()
