@@ -31,8 +31,9 @@ class Prompt:
     user: Template
 
     def messages(self, **values) -> list[dict]:
+        # only newlines are trimmed: a leading space may belong to the first token
         return [{"role": "system", "content": self.system.substitute(values).strip()},
-                {"role": "user", "content": self.user.substitute(values).strip()}]
+                {"role": "user", "content": self.user.substitute(values).strip("\n")}]
 
 
 @lru_cache
@@ -99,7 +100,7 @@ def parse_label(answer: str | None, refusal: str | None = None) -> str:
         raise LabelError("refusal")
     m = _LABEL.search(answer)
     line = m.group(1) if m else next(ln for ln in answer.splitlines() if ln.strip())
-    line = line.strip().strip("*_`").strip().rstrip(".")
+    line = line.strip().rstrip(".").strip("*_`").strip().rstrip(".")
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
         line = line[1:-1]
     line = clean_label(line)

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Method = Literal["logprobs", "json", "embedding", "none"]
+Method = Literal["logprobs", "json", "mixed", "embedding", "none"]
 
 
 class Usage(BaseModel):

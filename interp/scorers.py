@@ -44,6 +44,11 @@ def pick(exs: list[Example], n_active: int, n_random: int) -> list[Example]:
     return act + [e for e in exs if e.kind == "random"][:n_random]
 
 
+def _position(fe: FeatureExamples) -> dict[int, int]:
+    """Where each score-split example sits in that split, by identity (equal snippets may repeat)."""
+    return {id(e): i for i, e in enumerate(fe.split("score"))}
+
+
 def _truth(e: Example) -> int:
     return int(e.max_act > 0)
 
@@ -60,14 +65,17 @@ class ScoreConfig:
 async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig = ScoreConfig()) -> Score:
     exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
     wins = [window(e, cfg.width) for e in exs]
-    sims = await asyncio.gather(*(simulator.simulate(label, toks) for toks, _ in wins))
+    # the first call runs alone: it shows whether the endpoint returns logprobs, so the rest use one method
+    sims = [await simulator.simulate(label, wins[0][0])] if wins else []
+    sims += await asyncio.gather(*(simulator.simulate(label, toks) for toks, _ in wins[1:]))
     usage = Usage()
     for s in sims:
         usage.add(s.usage)
     vals = simulation_scores([a for _, a in wins], [s.expected for s in sims])
     methods = {s.method for s in sims}
     failures = [s.failure for s in sims if s.failure]
-    breakdown = [ExampleScore(example=fe.split("score").index(e), kind=e.kind, true=a, predicted=s.expected)
+    at = _position(fe)
+    breakdown = [ExampleScore(example=at[id(e)], kind=e.kind, true=a, predicted=s.expected)
                  for e, (_, a), s in zip(exs, wins, sims)]
     return Score(sae=fe.sae, index=fe.index, scorer="simulation", simulator=simulator.client.spec,
                  prompt_version=simulator.prompt_version if methods == {"logprobs"} else simulator.json_version,
@@ -141,7 +149,7 @@ async def classify(kind: str, fe, label, client, cfg: ScoreConfig = ScoreConfig(
     results = await asyncio.gather(*(run(b) for b in batches))
     usage, y, yhat, proba, breakdown, failures = Usage(), [], [], [], [], []
     has_probs = True
-    score_split = fe.split("score")
+    at = _position(fe)
     for idx, (preds, probs, u, fail) in zip(batches, results):
         usage.add(u)
         if fail:
@@ -152,7 +160,7 @@ async def classify(kind: str, fe, label, client, cfg: ScoreConfig = ScoreConfig(
             y.append(_truth(exs[i]))
             yhat.append(preds[j])
             proba.append(probs[j] if probs else None)
-            breakdown.append(ExampleScore(example=score_split.index(exs[i]), kind=exs[i].kind, true=y[-1],
+            breakdown.append(ExampleScore(example=at[id(exs[i])], kind=exs[i].kind, true=y[-1],
                                           predicted=preds[j], probability=proba[-1]))
     vals = classification_scores(y, yhat, proba if has_probs and y else None) if y else \
         dict.fromkeys(("balanced_accuracy", "precision", "recall", "f1", "auroc"))
@@ -180,10 +188,10 @@ def embedding(fe, label, cfg: ScoreConfig = ScoreConfig(), encoder=None) -> Scor
     sims = (vecs[1:] @ vecs[0]).tolist()
     y = [_truth(e) for e in exs]
     value = auroc(y, sims)
-    split = fe.split("score")
+    at = _position(fe)
     return Score(sae=fe.sae, index=fe.index, scorer="embedding", simulator="minilm", prompt_version="embedding-v1",
                  label=label, method="embedding", value=value, values={"auroc": value},
-                 breakdown=[ExampleScore(example=split.index(e), kind=e.kind, true=t, predicted=None, probability=s)
+                 breakdown=[ExampleScore(example=at[id(e)], kind=e.kind, true=t, predicted=None, probability=s)
                             for e, t, s in zip(exs, y, sims)])
 
 
