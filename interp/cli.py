@@ -95,7 +95,116 @@ def sae_convert(
 
 
 # ---------------------------------------------------------------- db + harvest (issue 3)
+@db_app.command("migrate")
+def db_migrate(json_out: bool = typer.Option(False, "--json")):
+    """Apply the numbered SQL migrations not yet applied (a no-op when up to date)."""
+    from interp.db import connect, migrate
+
+    with connect() as conn:
+        applied = migrate(conn)
+    if json_out:
+        emit_json({"applied": applied})
+    else:
+        typer.echo(f"applied {', '.join(applied)}" if applied else "schema up to date")
+
+
+@app.command("harvest")
+def harvest_cmd(
+    sae: str = typer.Option(..., help="SAE directory (native, SAELens or sparsify)"),
+    name: str = typer.Option(..., help="catalog name for this SAE"),
+    corpus: str = typer.Option("builtin", help="builtin | FILE/DIR (.txt/.jsonl) | hf:NAME[:SPLIT]"),
+    tokens: int = typer.Option(..., help="corpus tokens to run through model and SAE"),
+    ctx: int = typer.Option(32, help="window width shown around each example's max"),
+    ctx_len: int = typer.Option(64, "--ctx-len", help="length of the corpus contexts the model reads"),
+    top: int = typer.Option(50, help="top-activating contexts kept per feature"),
+    shard: Optional[str] = typer.Option(None, help="i/n: harvest one slice; the last shard to finish merges"),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", help="where shards leave partial states"),
+    replace: bool = typer.Option(False, "--replace", help="replace an SAE of the same name"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    batch_size: int = typer.Option(16, "--batch-size", help="contexts per forward"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog."""
+    from interp.catalog import harvest_to_catalog
+
+    summary = harvest_to_catalog(sae, name, corpus, tokens, ctx=ctx, ctx_len=ctx_len, top=top, shard=shard,
+                                 replace=replace, device=device, batch_size=batch_size, state_dir=state_dir,
+                                 progress=sys.stderr.isatty() or not json_out)
+    if json_out:
+        emit_json(summary)
+    else:
+        typer.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+@app.command("feature")
+def feature_cmd(
+    name: str = typer.Argument(..., help="SAE name in the catalog"),
+    idx: int = typer.Argument(..., help="feature index"),
+    n: int = typer.Option(8, help="snippets shown per set"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Show one feature: stats, histogram, snippets with activating tokens marked, labels and scores."""
+    from dataclasses import asdict
+
+    from interp.catalog import feature_view, print_feature
+    from interp.db import connect
+
+    with connect() as conn:
+        view = feature_view(conn, name, idx)
+    if json_out:
+        emit_json(asdict(view))
+    else:
+        print_feature(view, n)
+
+
 # ---------------------------------------------------------------- labelling, llm (issue 4)
+@llm_app.command("serve")
+def llm_serve(
+    port: Optional[int] = typer.Option(None, help="port (default: settings.local_llm_port, env LOCAL_LLM_PORT)"),
+    host: Optional[str] = typer.Option(None, help="listen address (default: settings.local_llm_host)"),
+    model_file: Optional[str] = typer.Option(None, "--model-file", help="a .gguf model (default: the embedded SmolLM2-135M-Instruct)"),
+    n_ctx: int = typer.Option(4096, "--n-ctx", help="context window in tokens"),
+):
+    """Serve the local LLM over the OpenAI protocol in the foreground (the endpoint behind `openai:local`)."""
+    import subprocess
+
+    from interp.local_llm import server_command
+    from interp.settings import get_settings
+
+    s = get_settings()
+    host, port = host or s.local_llm_host, port or s.local_llm_port
+    cmd = server_command(model_file, host, port, n_ctx)
+    hint = "" if port == s.local_llm_port else f" (set LOCAL_LLM_PORT={port} for openai:local)"
+    typer.echo(f"local LLM: {cmd[cmd.index('--model') + 1]}\nserving http://{host}:{port}/v1 as openai:local{hint}; Ctrl-C stops")
+    sys.exit(subprocess.call(cmd))
+
+
+@app.command("explain")
+def explain_cmd(
+    feature_file: str = typer.Argument(..., help="JSON FeatureExamples (sae, index, examples)"),
+    explainer: str = typer.Option("baseline", help="openai:MODEL | openai:local | hf:PATH | baseline"),
+    simulator: Optional[str] = typer.Option(None, help="model spec for the LLM scorers (default: the explainer)"),
+    scorer: str = typer.Option("embedding", help="comma-separated: simulation,detection,fuzzing,embedding"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Label and score one feature from a JSON file, without the catalog (for debugging prompts and models)."""
+    import asyncio
+
+    from interp.scorers import label_feature, read_feature_file
+
+    fe = read_feature_file(feature_file)
+    ex, scores = asyncio.run(label_feature(fe, explainer, simulator, [s.strip() for s in scorer.split(",") if s.strip()]))
+    if json_out:
+        emit_json({"explanation": ex.model_dump(), "scores": [s.model_dump() for s in scores]})
+        return
+    typer.echo(f"label: {ex.label}" if ex.ok else f"no label: {ex.failure}")
+    for s in scores:
+        vals = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=undefined" for k, v in s.values.items())
+        typer.echo(f"{s.scorer:>10} ({s.method}, {s.usage.total} tokens): {vals}")
+    if not ex.ok:
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------- catalog
 
 

@@ -212,3 +212,33 @@ async def run_scorers(fe: FeatureExamples, label: str, names, client=None, cfg: 
         else:
             jobs.append(asyncio.to_thread(embedding, fe, label, cfg))
     return list(await asyncio.gather(*jobs))
+
+
+async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | None, names) -> tuple:
+    """Explain one feature and score its label: the whole labelling step for one feature, LLM calls concurrent.
+    Clients are made here, inside the running loop (see OpenAIClient)."""
+    from .explainers import make_explainer
+    from .llm import make_client
+
+    ex = await make_explainer(explainer).explain(fe)
+    if not ex.ok:
+        return ex, []
+    client = make_client(simulator or explainer) if any(n != "embedding" for n in names) else None
+    return ex, await run_scorers(fe, ex.label, names, client)
+
+
+def read_feature_file(path: str) -> FeatureExamples:
+    """A FeatureExamples record from JSON ({"sae", "index", "examples": [{token_ids, acts, kind, split,
+    quantile_bin, tokens}], ...}), for debugging one feature without the catalog."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"feature file {path!r} not found; give a JSON file with sae, index and examples")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+        exs = [Example(**e) for e in raw.pop("examples")]
+        return FeatureExamples(examples=exs, **raw)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path} is not a feature file ({str(e).splitlines()[0][:120]}); expected "
+                         '{"sae": ..., "index": ..., "examples": [{"token_ids": [...], "acts": [...], ...}]}') from None
