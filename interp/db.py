@@ -22,8 +22,10 @@ def database_url(url: str | None = None) -> str:
 
 
 def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
-    """A connection, or InputError naming the URL when the database cannot be reached."""
+    """An autocommit connection (transactions are explicit: `with conn.transaction()`), or InputError
+    naming the URL when the database cannot be reached."""
     url = database_url(url)
+    kwargs.setdefault("autocommit", True)
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as e:

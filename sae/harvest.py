@@ -1,0 +1,539 @@
+"""Streaming harvest: for every SAE feature, the evidence an explainer and a scorer need.
+
+One pass over the corpus. Per batch: the model runs only up to the hook, the SAE encodes sparsely, and
+per-feature state is merged on the device. Memory is O(features x k): nothing of size tokens x features.
+
+Per feature the state holds
+- top: the k contexts with the largest activation (one per context, so windows of two examples never
+  share a context), with the quantised activation window around each max;
+- res: a bottom-C sample of its firing tokens by a keyed hash h(seed, feature, token). Keyed sampling is
+  what makes shards mergeable exactly: the union's C smallest hashes are the same whichever process
+  saw which token;
+- counts, a fixed-point activation sum, and a 50-bin histogram over (0, H] with H the smallest power of
+  two >= max. When the max grows H doubles and bins merge pairwise, which is exact (see _hist);
+- a global pool of random contexts (the P smallest context hashes) with the features firing in each.
+
+Quantile samples (10 equal-width bins over (0, max], 5 per bin) are chosen at the end, when max is known:
+in each bin the 5 tokens with the smallest hash among the known ones (the res sample and the top
+contexts' maxima). A uniform sample of a feature's tokens restricted to a bin is uniform within the bin,
+so a bin with >= 5 sampled tokens gets exactly the 5 smallest-hash tokens of the whole bin; bins above
+the k-th top value are known completely from the top set; only a sparse bin in between can fall short.
+
+Split, disjoint by construction (per feature, by context): top ranks 0,2,4.. and quantile samples ->
+explain; top ranks 1,3,5.. and random non-firing contexts -> score; quantile samples whose context is a
+score context are dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+M32 = 0xFFFFFFFF
+EMPTY_HASH = 1 << 62
+SUM_SCALE = 1 << 16          # activation sums are kept in fixed point so shard merges add exactly
+KINDS = ("top", "quantile", "random")
+SPLITS = ("explain", "score")
+
+
+@dataclass
+class HarvestConfig:
+    top_k: int = 50
+    ctx: int = 32            # window width shown around each example's max
+    n_bins: int = 10
+    per_bin: int = 5
+    n_random: int = 20
+    reservoir: int = 40      # hashed token sample per feature feeding the quantile bins
+    pool: int = 256          # random contexts kept for the non-firing examples
+    hist_bins: int = 50
+    n_logits: int = 10
+    seed: int = 0
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(p) for p in spec.split("/"))
+    except ValueError:
+        raise InputError(f"bad --shard {spec!r}; expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"bad --shard {spec!r}; expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # multipliers below 2^31 keep every product inside int64
+    x = x & M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & M32
+    return x ^ (x >> 16)
+
+
+def keyhash(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A deterministic 32-bit hash of (seed, a, b), a and b int64 >= 0."""
+    x = _mix32(a + (seed * 0x9E37 + 0x1234567))
+    x = _mix32(x ^ (b & M32))
+    return _mix32(x ^ (b >> 32))
+
+
+def _lexrank(seg: torch.Tensor, *keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order by (seg, *keys) ascending and each entry's rank inside its seg."""
+    order = torch.arange(seg.numel(), device=seg.device)
+    for k in reversed((seg, *keys)):
+        order = order[torch.sort(k[order], stable=True).indices]
+    s = seg[order]
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[1:] = s[1:] != s[:-1]
+    pos = torch.arange(s.numel(), device=s.device)
+    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(0).values
+    return order, pos - first
+
+
+class _Bank:
+    """Per feature the `cap` entries with the smallest (prim, key), with their activation windows."""
+
+    def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device):
+        self.cap, self.width, self.empty = cap, width, empty
+        self.prim = torch.full((n, cap), empty, dtype=prim_dtype, device=device)
+        self.key = torch.full((n, cap), -1, dtype=torch.long, device=device)
+        self.val = torch.zeros((n, cap), device=device)
+        self.scale = torch.zeros((n, cap), device=device)
+        self.win = torch.zeros((n, cap, width), dtype=torch.uint8, device=device)
+
+    def offer(self, f, prim, key, val, windows) -> None:
+        """Candidates (feature, prim, key, val); windows(i) -> (uint8 [n, width], scale [n]) for candidate i."""
+        keep = prim <= self.prim[f, -1]
+        if not bool(keep.any()):
+            return
+        cand = keep.nonzero().squeeze(1)
+        f, prim, key, val = f[cand], prim[cand], key[cand], val[cand]
+        cap, dev = self.cap, f.device
+        U = torch.unique(f)
+        okey = self.key[U].flatten()
+        valid = okey >= 0
+        old_rows = torch.arange(U.numel() * cap, device=dev)[valid]
+        seg = torch.cat([U.repeat_interleave(cap)[valid], f])
+        P = torch.cat([self.prim[U].flatten()[valid], prim])
+        K = torch.cat([okey[valid], key])
+        V = torch.cat([self.val[U].flatten()[valid], val])
+        src = torch.cat([old_rows, -1 - torch.arange(f.numel(), device=dev)])
+        order, rank = _lexrank(seg, P, K)
+        top = rank < cap
+        sel, r = order[top], rank[top]
+        fs, s = seg[sel], src[sel]
+        old_win = self.win[U].reshape(-1, self.width)
+        old_scale = self.scale[U].flatten()
+        self.prim[U] = self.empty
+        self.key[U] = -1
+        self.val[U] = 0
+        self.scale[U] = 0
+        self.win[U] = 0
+        self.prim[fs, r] = P[sel]
+        self.key[fs, r] = K[sel]
+        self.val[fs, r] = V[sel]
+        old = s >= 0
+        self.win[fs[old], r[old]] = old_win[s[old]]
+        self.scale[fs[old], r[old]] = old_scale[s[old]]
+        new = ~old
+        if bool(new.any()):
+            w, sc = windows(cand[-1 - s[new]])
+            self.win[fs[new], r[new]] = w
+            self.scale[fs[new], r[new]] = sc
+
+    def merge(self, other: "_Bank") -> None:
+        valid = other.key >= 0
+        f = valid.nonzero()[:, 0]
+        win, scale = other.win[valid], other.scale[valid]
+        self.offer(f, other.prim[valid], other.key[valid], other.val[valid], lambda i: (win[i], scale[i]))
+
+    def tensors(self) -> dict:
+        return {k: getattr(self, k) for k in ("prim", "key", "val", "scale", "win")}
+
+
+class HarvestState:
+    """The mergeable partial result of a harvest over some of the corpus's contexts."""
+
+    def __init__(self, n_features: int, ctx_len: int, cfg: HarvestConfig = HarvestConfig(), device="cpu"):
+        self.cfg, self.n, self.L = cfg, n_features, ctx_len
+        self.width = min(cfg.ctx, ctx_len)
+        self.device = torch.device(device)
+        dev = self.device
+        self.n_tokens = 0
+        self.n_fired = torch.zeros(n_features, dtype=torch.long, device=dev)
+        self.sumq = torch.zeros(n_features, dtype=torch.long, device=dev)
+        self.hist = torch.zeros((n_features, cfg.hist_bins), dtype=torch.long, device=dev)
+        self.hist_hi = torch.zeros(n_features, device=dev)
+        self.top = _Bank(n_features, cfg.top_k, self.width, torch.float32, math.inf, dev)
+        self.res = _Bank(n_features, cfg.reservoir, self.width, torch.long, EMPTY_HASH, dev)
+        self.pool: dict[int, tuple[int, torch.Tensor]] = {}   # ctx -> (hash, firing features)
+        self.contexts: dict[int, torch.Tensor] = {}           # ctx -> token ids, pruned to the referenced
+        self._prune_at = 4096
+
+    # ---------------------------------------------------------------- streaming
+    @torch.no_grad()
+    def update(self, ctx_ids: torch.Tensor, tokens: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """ctx_ids [B] global context indices, tokens [B, L], and the SAE's sparse code (vals, idx) [B*L, m]."""
+        B, L = tokens.shape
+        dev = self.device
+        ctx_ids = ctx_ids.to(dev, torch.long)
+        vals, idx = vals.to(dev).float(), idx.to(dev).long()
+        self.n_tokens += B * L
+        for c, t in zip(ctx_ids.tolist(), tokens.to(torch.int32).cpu()):
+            self.contexts[c] = t
+        rows, slot = (vals > 0).nonzero(as_tuple=True)
+        f, v = idx[rows, slot], vals[rows, slot]
+        local, pos = rows // L, rows % L
+        key = ctx_ids[local] * L + pos
+
+        self.n_fired.index_add_(0, f, torch.ones_like(f))
+        self.sumq.index_add_(0, f, torch.round(v.double() * SUM_SCALE).long())
+        self._hist(f, v)
+
+        def windows(ff, ll, pp):
+            return lambda i: self._windows(ff[i], ll[i], pp[i], vals, idx)
+
+        # top contexts: per (feature, context) the max and its first position
+        g = f * B + local
+        ug, inv = torch.unique(g, return_inverse=True)
+        gmax = torch.zeros(ug.numel(), device=dev).scatter_reduce_(0, inv, v, "amax", include_self=False)
+        cand_pos = torch.where(v == gmax[inv], pos, torch.full_like(pos, L))
+        gpos = torch.full((ug.numel(),), L, dtype=torch.long, device=dev).scatter_reduce_(0, inv, cand_pos, "amin")
+        gf, gl = ug // B, ug % B
+        self.top.offer(gf, -gmax, ctx_ids[gl] * L + gpos, gmax, windows(gf, gl, gpos))
+        self.res.offer(f, keyhash(self.cfg.seed, f, key), key, v, windows(f, local, pos))
+        self._pool(ctx_ids, local, f)
+        if len(self.contexts) > self._prune_at:
+            self._prune()
+
+    def _windows(self, f, local, pos, vals, idx):
+        w, L = self.width, self.L
+        start = (pos - w // 2).clamp(0, L - w)
+        out_w, out_s = [], []
+        for i in range(0, f.numel(), 4096):
+            sl = slice(i, i + 4096)
+            r = (local[sl] * L + start[sl])[:, None] + torch.arange(w, device=f.device)
+            a = (vals[r] * (idx[r] == f[sl, None, None])).sum(-1).clamp_min(0)
+            s = a.amax(-1)
+            out_w.append(torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8))
+            out_s.append(s)
+        return torch.cat(out_w), torch.cat(out_s)
+
+    def _hist(self, f, v) -> None:
+        if f.numel() == 0:
+            return
+        nb = self.cfg.hist_bins
+        bmax = torch.zeros(self.n, device=f.device).scatter_reduce_(0, f, v, "amax", include_self=False)
+        mant, exp = torch.frexp(bmax)
+        # the smallest power of two >= bmax, exactly
+        hi = torch.where(bmax > 0, torch.ldexp(torch.ones_like(bmax), exp - (mant == 0.5).long()), bmax)
+        grow = (hi > self.hist_hi) & (self.hist_hi > 0)
+        if bool(grow.any()):
+            g = grow.nonzero().squeeze(1)
+            ratio = (hi[g] / self.hist_hi[g]).long()
+            new_bin = torch.arange(nb, device=f.device)[None] // ratio[:, None]
+            self.hist[g] = torch.zeros_like(self.hist[g]).scatter_add_(1, new_bin, self.hist[g])
+        self.hist_hi = torch.maximum(self.hist_hi, hi)
+        # v * nb / hi: division by a power of two is exact, so a value lands in the same bin whether it was
+        # counted before or after the range doubled (floor(floor(x) / 2) == floor(x / 2))
+        b = torch.floor(v * nb / self.hist_hi[f]).long().clamp(0, nb - 1)
+        self.hist.view(-1).index_add_(0, f * nb + b, torch.ones_like(b))
+
+    def _pool(self, ctx_ids, local, f) -> None:
+        P = self.cfg.pool
+        h = keyhash(self.cfg.seed + 1, torch.zeros_like(ctx_ids), ctx_ids)
+        worst = max(self.pool.values(), key=lambda e: e[0])[0] if len(self.pool) >= P else EMPTY_HASH
+        for j in (h <= worst).nonzero().squeeze(1).tolist():
+            c = int(ctx_ids[j])
+            self.pool[c] = (int(h[j]), torch.unique(f[local == j]).cpu())
+        self._trim_pool()
+
+    def _trim_pool(self) -> None:
+        if len(self.pool) > self.cfg.pool:
+            keep = sorted(self.pool, key=lambda c: (self.pool[c][0], c))[: self.cfg.pool]
+            self.pool = {c: self.pool[c] for c in keep}
+
+    def referenced(self) -> set[int]:
+        keys = torch.cat([self.top.key[self.top.key >= 0], self.res.key[self.res.key >= 0]])
+        return set((torch.unique(keys // self.L)).tolist()) | set(self.pool)
+
+    def _prune(self) -> None:
+        ref = self.referenced()
+        self.contexts = {c: t for c, t in self.contexts.items() if c in ref}
+        self._prune_at = max(4096, 2 * len(self.contexts))
+
+    # ---------------------------------------------------------------- shards
+    def merge(self, other: "HarvestState") -> None:
+        if (other.n, other.L, other.cfg) != (self.n, self.L, self.cfg):
+            raise InputError("cannot merge harvest shards made with different SAEs or settings")
+        self.n_tokens += other.n_tokens
+        self.n_fired += other.n_fired.to(self.device)
+        self.sumq += other.sumq.to(self.device)
+        hi = torch.maximum(self.hist_hi, other.hist_hi.to(self.device))
+        self.hist = self._rebin(self.hist, self.hist_hi, hi) + self._rebin(other.hist.to(self.device),
+                                                                           other.hist_hi.to(self.device), hi)
+        self.hist_hi = hi
+        self.top.merge(other.top)
+        self.res.merge(other.res)
+        self.pool.update(other.pool)
+        self._trim_pool()
+        self.contexts.update(other.contexts)
+        self._prune()
+
+    def _rebin(self, hist, lo, hi):
+        ratio = torch.where(lo > 0, hi / lo.clamp_min(1e-38), torch.ones_like(hi)).long().clamp_min(1)
+        new_bin = torch.arange(hist.shape[1], device=hist.device)[None] // ratio[:, None]
+        return torch.zeros_like(hist).scatter_add_(1, new_bin, hist)
+
+    def save(self, path) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path) -> "HarvestState":
+        st = cls.__new__(cls)
+        st.__dict__.update(torch.load(path, map_location="cpu", weights_only=False))
+        return st
+
+    # ---------------------------------------------------------------- the result
+    @torch.no_grad()
+    def result(self, logits: "LogitTokens | None" = None) -> "HarvestResult":
+        if self.n_tokens == 0:
+            raise InputError("the harvest saw no tokens; give a larger --tokens or a non-empty corpus")
+        cfg, L, w = self.cfg, self.L, self.width
+        top, res = self.top, self.res
+        n_fired = self.n_fired.cpu()
+        max_act = top.val[:, 0].cpu()
+        mean = (self.sumq.double() / SUM_SCALE / self.n_fired.clamp_min(1)).float().cpu()
+        parts = [self._top_examples(), self._quantile_examples(), self._random_examples()]
+        ex = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.lexsort((ex["rank"], ex["split"], ex["kind"], ex["feature"]))
+        ex = {k: v[order] for k, v in ex.items()}
+        ctx_needed = set(np.unique(ex["ctx"]).tolist())
+        contexts = {c: self.contexts[c].numpy() for c in sorted(ctx_needed)}
+        return HarvestResult(
+            n_tokens=self.n_tokens, ctx_len=L, width=w, density=(n_fired.double() / self.n_tokens).float().numpy(),
+            n_fired=n_fired.numpy(), max_act=max_act.numpy(), mean_act=mean.numpy(), hist=self.hist.cpu().numpy(),
+            hist_max=self.hist_hi.cpu().numpy(), examples=Examples(**{k: v for k, v in ex.items() if k != "rank"}),
+            contexts=contexts, logits=logits)
+
+    def _rows(self, f, key, kind, split, rank, qbin, win, scale):
+        L, w = self.L, self.width
+        pos = key % L
+        start = (pos - w // 2).clamp(0, L - w)
+        n = f.numel()
+        return dict(feature=f.cpu().numpy().astype(np.int32), kind=np.full(n, kind, np.int8),
+                    split=split.cpu().numpy().astype(np.int8), rank=rank.cpu().numpy().astype(np.int32),
+                    ctx=(key // L).cpu().numpy().astype(np.int32), start=start.cpu().numpy().astype(np.int16),
+                    max_pos=(pos - start).cpu().numpy().astype(np.int16), qbin=qbin.cpu().numpy().astype(np.int16),
+                    scale=scale.cpu().numpy().astype(np.float32), acts=win.cpu().numpy())
+
+    def _top_examples(self):
+        t = self.top
+        f, r = (t.key >= 0).nonzero(as_tuple=True)
+        return self._rows(f, t.key[f, r], 0, r % 2, r, torch.full_like(r, -1), t.win[f, r], t.scale[f, r])
+
+    def _quantile_examples(self):
+        cfg, L = self.cfg, self.L
+        out = []
+        for lo in range(0, self.n, 16384):
+            sl = slice(lo, min(lo + 16384, self.n))
+            f0 = torch.arange(sl.start, sl.stop, device=self.device)
+            tk, rk = self.top.key[sl], self.res.key[sl]
+            key = torch.cat([rk, tk], 1)
+            val = torch.cat([self.res.val[sl], self.top.val[sl]], 1)
+            h = keyhash(cfg.seed, f0[:, None].expand_as(key), key.clamp_min(0))
+            valid = key >= 0
+            score_ctx = torch.where(tk[:, 1::2] >= 0, tk[:, 1::2] // L, -2)
+            valid &= ~((key // L)[:, :, None] == score_ctx[:, None, :]).any(-1)
+            mx = self.top.val[sl, :1].clamp_min(1e-30)
+            qbin = torch.floor(val * cfg.n_bins / mx).long().clamp(0, cfg.n_bins - 1)
+            comp = torch.where(valid, (qbin << 33) + h, torch.full_like(h, 1 << 62))
+            comp, order = comp.sort(dim=1, stable=True)
+            skey = key.gather(1, order)
+            dup = torch.zeros_like(valid)
+            dup[:, 1:] = (comp[:, 1:] == comp[:, :-1]) & (skey[:, 1:] == skey[:, :-1])
+            sb = comp >> 33
+            start = torch.ones_like(valid)
+            start[:, 1:] = sb[:, 1:] != sb[:, :-1]
+            ar = torch.arange(comp.shape[1], device=comp.device).expand_as(comp)
+            first = torch.where(start, ar, torch.zeros_like(ar)).cummax(1).values
+            # rank among non-duplicates: duplicates are adjacent, so subtract the ones before in the bin
+            ndup = torch.cumsum(dup.long(), 1)
+            ndup_first = ndup.gather(1, first)
+            rank = ar - first - (ndup - ndup_first)
+            ok = (comp < (1 << 62)) & ~dup & (rank < cfg.per_bin)
+            fi, ci = ok.nonzero(as_tuple=True)
+            src = order[fi, ci]
+            C = self.res.cap
+            from_res = src < C
+            win = torch.where(from_res[:, None], self.res.win[sl][fi, src.clamp(max=C - 1)],
+                              self.top.win[sl][fi, (src - C).clamp(min=0)])
+            scale = torch.where(from_res, self.res.scale[sl][fi, src.clamp(max=C - 1)],
+                                self.top.scale[sl][fi, (src - C).clamp(min=0)])
+            b = sb[fi, ci]
+            out.append(self._rows(f0[fi], skey[fi, ci], 1, torch.zeros_like(fi), b * cfg.per_bin + rank[fi, ci],
+                                  b, win, scale))
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+    def _random_examples(self):
+        cfg, L, w = self.cfg, self.L, self.width
+        pool = sorted(self.pool, key=lambda c: (self.pool[c][0], c))
+        n_pick = min(cfg.n_random, len(pool))
+        pctx = torch.tensor(pool, dtype=torch.long, device=self.device)
+        out = []
+        for lo in range(0, self.n, 65536):
+            hi = min(lo + 65536, self.n)
+            fired = torch.zeros((hi - lo, len(pool)), dtype=torch.bool, device=self.device)
+            for j, c in enumerate(pool):
+                fs = self.pool[c][1].to(self.device)
+                fs = fs[(fs >= lo) & (fs < hi)]
+                fired[fs - lo, j] = True
+            f0 = torch.arange(lo, hi, device=self.device)
+            h = keyhash(cfg.seed + 2, f0[:, None].expand(-1, len(pool)), pctx[None].expand(hi - lo, -1))
+            h = torch.where(fired, torch.full_like(h, EMPTY_HASH), h)
+            hs, j = h.topk(n_pick, dim=1, largest=False, sorted=True) if n_pick else (h[:, :0], h[:, :0])
+            fi, r = (hs < EMPTY_HASH).nonzero(as_tuple=True)
+            ctx = pctx[j[fi, r]]
+            pos = w // 2 + keyhash(cfg.seed + 3, f0[fi], ctx) % (L - w + 1)   # a random window, no max
+            out.append(self._rows(f0[fi], ctx * L + pos, 2, torch.ones_like(fi), r, torch.full_like(r, -1),
+                                  torch.zeros((fi.numel(), w), dtype=torch.uint8), torch.zeros(fi.numel())))
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+@dataclass
+class Examples:
+    """All examples of a harvest as flat arrays, sorted by (feature, kind, split, rank).
+    kind indexes KINDS, split indexes SPLITS; window i is contexts[ctx[i]][start[i]:start[i]+width]
+    with activations acts[i] / 255 * scale[i]."""
+    feature: np.ndarray
+    kind: np.ndarray
+    split: np.ndarray
+    ctx: np.ndarray
+    start: np.ndarray
+    max_pos: np.ndarray
+    qbin: np.ndarray
+    scale: np.ndarray
+    acts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.feature)
+
+
+@dataclass
+class LogitTokens:
+    top_ids: np.ndarray
+    top_vals: np.ndarray
+    bottom_ids: np.ndarray
+    bottom_vals: np.ndarray
+
+
+@dataclass
+class HarvestResult:
+    n_tokens: int
+    ctx_len: int
+    width: int
+    density: np.ndarray
+    n_fired: np.ndarray
+    max_act: np.ndarray
+    mean_act: np.ndarray
+    hist: np.ndarray
+    hist_max: np.ndarray
+    examples: Examples
+    contexts: dict[int, np.ndarray]
+    logits: LogitTokens | None = None
+    bounds: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # examples of feature i are rows bounds[i]:bounds[i+1]
+        self.bounds = np.searchsorted(self.examples.feature, np.arange(len(self.density) + 1))
+
+    @property
+    def n_features(self) -> int:
+        return len(self.density)
+
+    def feature_examples(self, i: int, sae: str = "", decode=None):
+        from .records import Example, FeatureExamples
+
+        ex, w = self.examples, self.width
+        out = []
+        for j in range(self.bounds[i], self.bounds[i + 1]):
+            s = int(ex.start[j])
+            ids = self.contexts[int(ex.ctx[j])][s:s + w].tolist()
+            acts = (ex.acts[j].astype(np.float32) / 255 * ex.scale[j]).tolist()
+            out.append(Example(token_ids=ids, acts=acts, kind=KINDS[ex.kind[j]], split=SPLITS[ex.split[j]],
+                               quantile_bin=int(ex.qbin[j]) if ex.qbin[j] >= 0 else None,
+                               tokens=decode(ids) if decode else None))
+        return FeatureExamples(sae=sae, index=i, examples=out, max_act=float(self.max_act[i]),
+                               density=float(self.density[i]))
+
+
+@torch.no_grad()
+def logit_tokens(W_dec: torch.Tensor, W_U: torch.Tensor, n: int = 10, chunk: int = 2048) -> LogitTokens:
+    """Top and bottom n tokens of each decoder direction read through the unembedding W_U [vocab, d]."""
+    parts = []
+    for i in range(0, W_dec.shape[0], chunk):
+        s = W_dec[i:i + chunk].float() @ W_U.float().T
+        parts.append((s.topk(n, 1), s.topk(n, 1, largest=False)))
+    cat = lambda xs: torch.cat(xs).cpu().numpy()
+    return LogitTokens(cat([p[0].indices for p in parts]).astype(np.int32), cat([p[0].values for p in parts]),
+                       cat([p[1].indices for p in parts]).astype(np.int32), cat([p[1].values for p in parts]))
+
+
+def shard_batches(contexts: Iterator[list[int]], n_contexts: int, batch_size: int,
+                  shard: tuple[int, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(global context ids, tokens) batches of this shard: whole batches go round-robin to shards, so a
+    shard computes exactly the batches, and so the bits, the unsharded run computes."""
+    i, n = shard
+    buf: list[list[int]] = []
+    c = -1
+    for c, ctx in enumerate(itertools.islice(contexts, n_contexts)):
+        if (c // batch_size) % n == i:
+            buf.append(ctx)
+        if c % batch_size == batch_size - 1 and buf:
+            yield torch.arange(c + 1 - len(buf), c + 1), torch.tensor(buf, dtype=torch.long)
+            buf = []
+    if buf:
+        yield torch.arange(c + 1 - len(buf), c + 1), torch.tensor(buf, dtype=torch.long)
+
+
+def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig = HarvestConfig(), ctx_len: int = 64,
+            batch_size: int = 16, shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
+    """Streams `tokens` tokens of `corpus` (this shard's part) through model and SAE into a HarvestState."""
+    from tqdm import tqdm
+
+    from .corpus import iter_contexts
+
+    if sae.cfg.d_in != hooked.d_in:
+        raise InputError(f"the SAE reads d_in={sae.cfg.d_in} but {type(hooked.model).__name__} layer "
+                         f"{hooked.layer} site {hooked.site} gives {hooked.d_in}; use the SAE's own model/layer/site")
+    if tokens < ctx_len:
+        raise InputError(f"--tokens must be at least one context ({ctx_len} tokens), got {tokens}")
+    dev = hooked.device
+    n_ctx = tokens // ctx_len
+    state = HarvestState(sae.cfg.n_latents, ctx_len, cfg, dev)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    mine = n_ctx * ctx_len // shard[1]
+    bar = tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False)
+    t0 = time.perf_counter()
+    for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
+        with autocast:
+            x = hooked.activations(tok).flatten(0, 1)
+            vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
+        state.update(ids, tok, vals, idx)
+        bar.update(tok.numel())
+        bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
+                        tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    if state.n_tokens == 0:
+        raise InputError(f"shard {shard[0]}/{shard[1]} got no contexts of corpus {corpus!r}: "
+                         f"give more --tokens (at least {shard[1] * batch_size * ctx_len}) or fewer shards")
+    return state
