@@ -1,0 +1,187 @@
+"""The streaming harvest state against brute force on synthetic sparse codes: top-k, quantile bins,
+histograms, the explain/score split, and shard merges."""
+import numpy as np
+import pytest
+import torch
+
+from sae.errors import InputError
+from sae.harvest import (EMPTY_HASH, HarvestConfig, HarvestState, keyhash, logit_tokens, parse_shard,
+                         shard_batches)
+
+F, L, B, M = 40, 16, 6, 5
+CFG = HarvestConfig(top_k=6, ctx=8, n_bins=4, per_bin=2, n_random=3, reservoir=12, pool=12, hist_bins=10)
+
+
+def synthetic_batch(bi: int):
+    g = torch.Generator().manual_seed(bi)
+    vals = torch.rand(B * L, M, generator=g) * (torch.rand(B * L, M, generator=g) > 0.4)
+    idx = torch.stack([torch.randperm(F, generator=g)[:M] for _ in range(B * L)])
+    tokens = torch.randint(0, 1000, (B, L), generator=g)
+    return torch.arange(bi * B, bi * B + B), tokens, vals, idx
+
+
+def dense_acts(n_batches: int) -> np.ndarray:
+    """[contexts, L, F] activations, the brute-force reference."""
+    out = np.zeros((n_batches * B, L, F), np.float32)
+    for bi in range(n_batches):
+        ids, _, vals, idx = synthetic_batch(bi)
+        d = torch.zeros(B * L, F).scatter_(1, idx, vals).reshape(B, L, F)
+        out[ids.numpy()] = d.numpy()
+    return out
+
+
+def run(batches, cfg=CFG) -> HarvestState:
+    st = HarvestState(F, L, cfg)
+    for bi in batches:
+        st.update(*synthetic_batch(bi))
+    return st
+
+
+@pytest.fixture(scope="module")
+def full():
+    return run(range(24)).result()
+
+
+def test_stats_and_top_contexts_match_brute_force(full):
+    acts = dense_acts(24)
+    flat = acts.reshape(-1, F)
+    np.testing.assert_array_equal(full.n_fired, (flat > 0).sum(0))
+    np.testing.assert_allclose(full.density, (flat > 0).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(full.max_act, flat.max(0), rtol=0)
+    mean = np.array([flat[flat[:, f] > 0, f].mean() for f in range(F)])
+    np.testing.assert_allclose(full.mean_act, mean, rtol=1e-4)
+    ctx_max = acts.max(1)                                    # [contexts, F]
+    ex = full.examples
+    for f in range(F):
+        top = (ex.feature == f) & (ex.kind == 0)
+        want = np.sort(ctx_max[:, f])[::-1][:CFG.top_k]
+        got = np.sort(ex.scale[top])[::-1]                   # scale is the window max == the context max
+        np.testing.assert_allclose(got, want[want > 0], rtol=1e-6)
+        assert len(set(ex.ctx[top])) == top.sum()            # one example per context
+
+
+def test_histogram_counts_every_firing_token(full):
+    flat = dense_acts(24).reshape(-1, F)
+    for f in range(F):
+        v = flat[flat[:, f] > 0, f]
+        hi = full.hist_max[f]
+        assert hi >= v.max() and hi / 2 < v.max()          # the smallest power of two above the max
+        want = np.clip(np.floor(v * CFG.hist_bins / hi), 0, CFG.hist_bins - 1).astype(int)
+        np.testing.assert_array_equal(full.hist[f], np.bincount(want, minlength=CFG.hist_bins))
+
+
+def test_quantile_samples_lie_in_their_bins_and_are_the_smallest_keys(full):
+    acts = dense_acts(24)
+    flat = acts.reshape(-1, F)
+    ex, w = full.examples, full.width
+    exact_bins = []
+    for f in range(F):
+        q = (ex.feature == f) & (ex.kind == 1)
+        mx = full.max_act[f]
+        keys = ex.ctx[q].astype(np.int64) * L + ex.start[q] + ex.max_pos[q]
+        vals = flat[keys, f]
+        assert (vals > 0).all()
+        lo, hi = ex.qbin[q] * mx / CFG.n_bins, (ex.qbin[q] + 1) * mx / CFG.n_bins
+        assert ((vals > lo - 1e-6) & (vals <= hi + 1e-6)).all()
+        assert np.bincount(ex.qbin[q], minlength=CFG.n_bins).max() <= CFG.per_bin
+        # the state keeps a bottom-C sample of each feature's tokens by hash; a bin holding at least per_bin
+        # of them gets exactly the per_bin smallest hashes of ALL its tokens (score contexts excluded)
+        score_ctx = list(set(ex.ctx[(ex.feature == f) & (ex.kind == 0) & (ex.split == 1)].tolist()))
+        all_keys = np.flatnonzero(flat[:, f] > 0)
+        all_bins = np.clip(np.floor(flat[all_keys, f] * CFG.n_bins / mx), 0, CFG.n_bins - 1)
+        h = keyhash(CFG.seed, torch.full((len(all_keys),), f), torch.from_numpy(all_keys)).numpy()
+        sampled = np.zeros(len(all_keys), bool)
+        sampled[np.lexsort((all_keys, h))[:CFG.reservoir]] = True
+        for b in range(CFG.n_bins):
+            in_bin = (all_bins == b) & ~np.isin(all_keys // L, score_ctx)
+            if (in_bin & sampled).sum() >= CFG.per_bin:
+                want = set(all_keys[in_bin][np.lexsort((all_keys[in_bin], h[in_bin]))][:CFG.per_bin].tolist())
+                assert set(keys[ex.qbin[q] == b].tolist()) == want
+                exact_bins.append(b)
+    assert len(exact_bins) > F  # the exact case is the common one here
+
+
+def test_explain_and_score_sets_are_disjoint_by_context(full):
+    ex = full.examples
+    for f in range(F):
+        fe = full.feature_examples(f)
+        explain = {(c) for c, e in zip(ex.ctx[full.bounds[f]:full.bounds[f + 1]], fe.examples) if e.split == "explain"}
+        score = {(c) for c, e in zip(ex.ctx[full.bounds[f]:full.bounds[f + 1]], fe.examples) if e.split == "score"}
+        assert explain and score and not (explain & score)
+        kinds = {(e.kind, e.split) for e in fe.examples}
+        assert kinds <= {("top", "explain"), ("top", "score"), ("quantile", "explain"), ("random", "score")}
+        # the score set holds both top and random examples the explainer never sees
+        assert ("top", "score") in kinds and ("random", "score") in kinds
+
+
+def test_random_examples_never_fire(full):
+    acts = dense_acts(24)
+    ex = full.examples
+    r = ex.kind == 2
+    assert r.sum() > 0
+    for f, c in zip(ex.feature[r], ex.ctx[r]):
+        assert acts[c, :, f].max() == 0
+    assert (ex.scale[r] == 0).all()
+
+
+def test_windows_hold_the_tokens_and_quantised_activations(full):
+    acts = dense_acts(24)
+    toks = {}
+    for bi in range(24):
+        ids, t, _, _ = synthetic_batch(bi)
+        for i, row in zip(ids.tolist(), t):
+            toks[i] = row.numpy()
+    for f in (0, 7, 33):
+        fe = full.feature_examples(f)
+        lo = full.bounds[f]
+        for j, e in enumerate(fe.examples):
+            c, s = int(full.examples.ctx[lo + j]), int(full.examples.start[lo + j])
+            assert e.token_ids == toks[c][s:s + full.width].tolist()
+            np.testing.assert_allclose(e.acts, acts[c, s:s + full.width, f], atol=full.examples.scale[lo + j] / 255)
+
+
+def test_merged_shards_equal_the_unsharded_run(full):
+    parts = [run(range(i, 24, 3)) for i in range(3)]
+    merged = parts[2]
+    merged.merge(parts[0])
+    merged.merge(parts[1])
+    got = merged.result()
+    for k in ("density", "n_fired", "max_act", "mean_act", "hist", "hist_max"):
+        np.testing.assert_array_equal(getattr(got, k), getattr(full, k), err_msg=k)
+    for k in full.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got.examples, k), getattr(full.examples, k), err_msg=k)
+    assert got.contexts.keys() == full.contexts.keys()
+
+
+def test_state_size_does_not_grow_with_tokens():
+    small, big = run(range(4)), run(range(60))
+    size = lambda st: sum(t.numel() for b in (st.top, st.res) for t in b.tensors().values())
+    assert size(small) == size(big)
+    # token windows are kept only for contexts some feature still references
+    assert len(big.contexts) <= len(big.referenced()) + B * 4096
+
+
+def test_shard_batches_partition_the_contexts():
+    ctxs = [[i] * 4 for i in range(23)]
+    seen = []
+    for i in range(3):
+        for ids, tok in shard_batches(iter(ctxs), 20, 4, (i, 3)):
+            assert ids.tolist() == tok[:, 0].tolist()
+            assert len(ids) == 4 or ids[-1] == 19
+            seen += ids.tolist()
+    assert sorted(seen) == list(range(20))
+
+
+@pytest.mark.parametrize("spec", ["3/3", "1", "a/b", "-1/2", "0/0"])
+def test_bad_shard_specs(spec):
+    with pytest.raises(InputError, match="expected i/n"):
+        parse_shard(spec)
+
+
+def test_logit_tokens_read_the_decoder_through_the_unembedding():
+    W_U = torch.eye(6)[:, :4] * torch.arange(1, 7)[:, None]   # token t reads dimension t (t < 4)
+    W_dec = torch.eye(4)
+    lt = logit_tokens(W_dec, W_U, n=2)
+    assert lt.top_ids[:, 0].tolist() == [0, 1, 2, 3]
+    assert lt.top_vals[:, 0].tolist() == [1, 2, 3, 4]
+    assert EMPTY_HASH > 2 ** 33
