@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .corpus import batches, iter_contexts
@@ -114,14 +115,16 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
             else:
                 acts = hm.activations(batch)
             x = acts[mask]
-            latents = sae.encode(x)
-            recon = sae.decode(latents)
+            # sparse (values, indices): a dense [tokens, latents] matrix would not fit for wide SAEs
+            vals, idx = sae.encode_sparse(x)
+            recon = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum") \
+                + sae.b_dec
 
         moments.update(x)
         sse += float((x.double() - recon.double()).pow(2).sum())
-        fired = latents > 0
+        fired = vals > 0
         l0_sum += float(fired.sum())
-        fire_counts += fired.sum(0)
+        fire_counts += torch.bincount(idx[fired], minlength=c.n_latents)
         n_tok += x.shape[0]
 
         if causal:
