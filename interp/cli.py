@@ -68,12 +68,18 @@ def sae_eval(
     layer: Optional[int] = typer.Option(None),
     site: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(16, "--batch-size", help="contexts per forward pass"),
+    seed: Optional[int] = typer.Option(None, help="corpus order (default: the SAE's training seed, so the "
+                                                  "held-out split is the one training left out)"),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Evaluate an SAE on held-out tokens: FVU, L0, dead and dense fractions, and CE/KL for causal LMs."""
     from sae.evaluate import evaluate
 
-    metrics = evaluate(path, corpus=corpus, tokens=tokens, model=model, layer=layer, site=site, device=device)
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
+    metrics = evaluate(path, corpus=corpus, tokens=tokens, model=model, layer=layer, site=site, device=device,
+                       batch_size=batch_size, seed=seed)
     if json_out:
         emit_json(metrics)
     else:
