@@ -100,61 +100,63 @@ def _lexrank(seg: torch.Tensor, *keys: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class _Bank:
-    """Per feature the `cap` entries with the smallest (prim, key), with their activation windows."""
+    """Per feature the `cap` entries with the smallest (prim, key), with their activation windows.
+
+    Candidates that beat a row's worst entry (as of the last flush: a superset of the real winners) go to
+    a buffer with their windows; a flush merges buffer and rows by one sort. Flushing only when the buffer
+    is as large as half the rows keeps the per-batch cost proportional to the candidates, not to n x cap."""
 
     def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device):
-        self.cap, self.width, self.empty = cap, width, empty
+        self.n, self.cap, self.width, self.empty = n, cap, width, empty
         self.prim = torch.full((n, cap), empty, dtype=prim_dtype, device=device)
         self.key = torch.full((n, cap), -1, dtype=torch.long, device=device)
         self.val = torch.zeros((n, cap), device=device)
         self.scale = torch.zeros((n, cap), device=device)
         self.win = torch.zeros((n, cap, width), dtype=torch.uint8, device=device)
+        self.buf: list[tuple] = []
+        self.buf_size = 0
+        self.flush_at = max(n * cap // 2, 1 << 16)
 
     def offer(self, f, prim, key, val, windows) -> None:
-        """Candidates (feature, prim, key, val); windows(i) -> (uint8 [n, width], scale [n]) for candidate i."""
-        keep = prim <= self.prim[f, -1]
-        if not bool(keep.any()):
+        """Candidates (feature, prim, key, val); windows(i) -> (uint8 [len(i), width], scale [len(i)])."""
+        keep = (prim <= self.prim[f, -1]).nonzero().squeeze(1)
+        if keep.numel() == 0:
             return
-        cand = keep.nonzero().squeeze(1)
-        f, prim, key, val = f[cand], prim[cand], key[cand], val[cand]
-        cap, dev = self.cap, f.device
-        U = torch.unique(f)
-        okey = self.key[U].flatten()
-        valid = okey >= 0
-        old_rows = torch.arange(U.numel() * cap, device=dev)[valid]
-        seg = torch.cat([U.repeat_interleave(cap)[valid], f])
-        P = torch.cat([self.prim[U].flatten()[valid], prim])
-        K = torch.cat([okey[valid], key])
-        V = torch.cat([self.val[U].flatten()[valid], val])
-        src = torch.cat([old_rows, -1 - torch.arange(f.numel(), device=dev)])
+        win, scale = windows(keep)
+        self.buf.append((f[keep], prim[keep], key[keep], val[keep], scale, win))
+        self.buf_size += keep.numel()
+        if self.buf_size >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        f, prim, key, val, scale, win = (torch.cat(x) for x in zip(*self.buf))
+        self.buf, self.buf_size = [], 0
+        valid = self.key >= 0
+        rows = valid.nonzero()[:, 0]
+        seg = torch.cat([rows, f])
+        P, K = torch.cat([self.prim[valid], prim]), torch.cat([self.key[valid], key])
+        V, S = torch.cat([self.val[valid], val]), torch.cat([self.scale[valid], scale])
+        W = torch.cat([self.win[valid], win])
         order, rank = _lexrank(seg, P, K)
-        top = rank < cap
-        sel, r = order[top], rank[top]
-        fs, s = seg[sel], src[sel]
-        old_win = self.win[U].reshape(-1, self.width)
-        old_scale = self.scale[U].flatten()
-        self.prim[U] = self.empty
-        self.key[U] = -1
-        self.val[U] = 0
-        self.scale[U] = 0
-        self.win[U] = 0
-        self.prim[fs, r] = P[sel]
-        self.key[fs, r] = K[sel]
-        self.val[fs, r] = V[sel]
-        old = s >= 0
-        self.win[fs[old], r[old]] = old_win[s[old]]
-        self.scale[fs[old], r[old]] = old_scale[s[old]]
-        new = ~old
-        if bool(new.any()):
-            w, sc = windows(cand[-1 - s[new]])
-            self.win[fs[new], r[new]] = w
-            self.scale[fs[new], r[new]] = sc
+        sel = order[rank < self.cap]
+        r = rank[rank < self.cap]
+        fs = seg[sel]
+        self.prim.fill_(self.empty)
+        self.key.fill_(-1)
+        self.val.zero_()
+        self.scale.zero_()
+        self.win.zero_()
+        self.prim[fs, r], self.key[fs, r], self.val[fs, r] = P[sel], K[sel], V[sel]
+        self.scale[fs, r], self.win[fs, r] = S[sel], W[sel]
 
     def merge(self, other: "_Bank") -> None:
+        other.flush()
         valid = other.key >= 0
-        f = valid.nonzero()[:, 0]
-        win, scale = other.win[valid], other.scale[valid]
-        self.offer(f, other.prim[valid], other.key[valid], other.val[valid], lambda i: (win[i], scale[i]))
+        self.buf.append((valid.nonzero()[:, 0], other.prim[valid], other.key[valid], other.val[valid],
+                         other.scale[valid], other.win[valid]))
+        self.flush()
 
     def tensors(self) -> dict:
         return {k: getattr(self, k) for k in ("prim", "key", "val", "scale", "win")}
@@ -181,13 +183,17 @@ class HarvestState:
 
     # ---------------------------------------------------------------- streaming
     @torch.no_grad()
-    def update(self, ctx_ids: torch.Tensor, tokens: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        """ctx_ids [B] global context indices, tokens [B, L], and the SAE's sparse code (vals, idx) [B*L, m]."""
+    def update(self, ctx_ids: torch.Tensor, tokens: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor,
+               mask: torch.Tensor | None = None) -> None:
+        """ctx_ids [B] global context indices, tokens [B, L], the SAE's sparse code (vals, idx) [B*L, m], and
+        mask [B, L]: False where a token is left out (a context's leading CLS/BOS, an outlier)."""
         B, L = tokens.shape
         dev = self.device
         ctx_ids = ctx_ids.to(dev, torch.long)
         vals, idx = vals.to(dev).float(), idx.to(dev).long()
-        self.n_tokens += B * L
+        if mask is not None:
+            vals = vals * mask.to(dev).reshape(-1, 1)
+        self.n_tokens += B * L if mask is None else int(mask.sum())
         for c, t in zip(ctx_ids.tolist(), tokens.to(torch.int32).cpu()):
             self.contexts[c] = t
         rows, slot = (vals > 0).nonzero(as_tuple=True)
@@ -199,8 +205,13 @@ class HarvestState:
         self.sumq.index_add_(0, f, torch.round(v.double() * SUM_SCALE).long())
         self._hist(f, v)
 
+        # the batch's nonzeros sorted by (row, feature): a window's activations are looked up, not recomputed
+        code = rows * self.n + f
+        code, order = code.sort()
+        lookup = (code, v[order])
+
         def windows(ff, ll, pp):
-            return lambda i: self._windows(ff[i], ll[i], pp[i], vals, idx)
+            return lambda i: self._windows(ff[i], ll[i], pp[i], lookup)
 
         # top contexts: per (feature, context) the max and its first position
         g = f * B + local
@@ -215,18 +226,15 @@ class HarvestState:
         if len(self.contexts) > self._prune_at:
             self._prune()
 
-    def _windows(self, f, local, pos, vals, idx):
+    def _windows(self, f, local, pos, lookup):
+        code, sv = lookup
         w, L = self.width, self.L
         start = (pos - w // 2).clamp(0, L - w)
-        out_w, out_s = [], []
-        for i in range(0, f.numel(), 4096):
-            sl = slice(i, i + 4096)
-            r = (local[sl] * L + start[sl])[:, None] + torch.arange(w, device=f.device)
-            a = (vals[r] * (idx[r] == f[sl, None, None])).sum(-1).clamp_min(0)
-            s = a.amax(-1)
-            out_w.append(torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8))
-            out_s.append(s)
-        return torch.cat(out_w), torch.cat(out_s)
+        q = ((local * L + start)[:, None] + torch.arange(w, device=f.device)) * self.n + f[:, None]
+        at = torch.searchsorted(code, q).clamp(max=max(code.numel() - 1, 0))
+        a = torch.where(code[at] == q, sv[at], torch.zeros((), device=f.device)) if code.numel() else q * 0.0
+        s = a.amax(-1)
+        return torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8), s
 
     def _hist(self, f, v) -> None:
         if f.numel() == 0:
@@ -263,6 +271,8 @@ class HarvestState:
             self.pool = {c: self.pool[c] for c in keep}
 
     def referenced(self) -> set[int]:
+        self.top.flush()
+        self.res.flush()
         keys = torch.cat([self.top.key[self.top.key >= 0], self.res.key[self.res.key >= 0]])
         return set((torch.unique(keys // self.L)).tolist()) | set(self.pool)
 
@@ -295,6 +305,8 @@ class HarvestState:
         return torch.zeros_like(hist).scatter_add_(1, new_bin, hist)
 
     def save(self, path) -> None:
+        self.top.flush()
+        self.res.flush()
         torch.save(self.__dict__, path)
 
     @classmethod
@@ -310,6 +322,8 @@ class HarvestState:
             raise InputError("the harvest saw no tokens; give a larger --tokens or a non-empty corpus")
         cfg, L, w = self.cfg, self.L, self.width
         top, res = self.top, self.res
+        top.flush()
+        res.flush()
         n_fired = self.n_fired.cpu()
         max_act = top.val[:, 0].cpu()
         mean = (self.sumq.double() / SUM_SCALE / self.n_fired.clamp_min(1)).float().cpu()
@@ -511,6 +525,7 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig = HarvestC
     from tqdm import tqdm
 
     from .corpus import iter_contexts
+    from .models import content_mask
 
     if sae.cfg.d_in != hooked.d_in:
         raise InputError(f"the SAE reads d_in={sae.cfg.d_in} but {type(hooked.model).__name__} layer "
@@ -528,7 +543,7 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig = HarvestC
         with autocast:
             x = hooked.activations(tok).flatten(0, 1)
             vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
-        state.update(ids, tok, vals, idx)
+        state.update(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
         bar.update(tok.numel())
         bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
                         tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}")
