@@ -131,12 +131,16 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
             spliced = acts.clone()
             spliced[mask] = recon.to(acts.dtype)
             zeroed = torch.where(mask[..., None], torch.zeros_like(acts), acts)
-            sae_logits = hm.logits_with(batch, replace=lambda _x: spliced)
-            zero_logits = hm.logits_with(batch, replace=lambda _x: zeroed)
-            for key, logits in (("clean", clean_logits), ("sae", sae_logits), ("zero", zero_logits)):
-                ce_sums[key] += float(_next_token_ce(logits, batch).double().sum())
+            # one [batch, seq, vocab] logits tensor besides the clean one at a time: vocabularies are large
+            ce_sums["clean"] += float(_next_token_ce(clean_logits, batch).double().sum())
+            logits = hm.logits_with(batch, replace=lambda _x: spliced)
+            ce_sums["sae"] += float(_next_token_ce(logits, batch).double().sum())
+            kl_sum += float(_kl(clean_logits, logits)[mask].double().sum())
+            del logits, clean_logits
+            logits = hm.logits_with(batch, replace=lambda _x: zeroed)
+            ce_sums["zero"] += float(_next_token_ce(logits, batch).double().sum())
+            del logits
             n_pred += batch.shape[0] * (batch.shape[1] - 1)
-            kl_sum += float(_kl(clean_logits, sae_logits)[mask].double().sum())
             n_kl += int(mask.sum())
 
         bar.update(x.shape[0])
