@@ -61,8 +61,9 @@ class StepOutput:
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
-def _fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+def _total_var(x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+    """FVU's denominator: squared distance to the batch mean, summed (not the mean of per-token ratios)."""
+    return (given if given is not None else (x - x.mean(0)).pow(2).sum()).clamp_min(1e-12)
 
 
 class SparseAutoencoder(nn.Module):
@@ -103,13 +104,17 @@ class SparseAutoencoder(nn.Module):
         m = max(int((acts > 0).sum(-1).max().item()), 1)
         return acts.topk(m, dim=-1, sorted=False)
 
-    def training_step(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> StepOutput:
+    def training_step(self, x: torch.Tensor, dead: torch.Tensor | None = None, total_var: torch.Tensor | None = None,
+                      n_total: int | None = None) -> StepOutput:
+        """Loss on x. A data-parallel rank passes its slice with the global batch's total_var and size n_total,
+        so the ranks' losses (and gradients) sum to the single-process ones."""
         pre = self.pre_acts(x)
         acts = self.activate(pre)
         recon = self.decode(acts)
-        fvu = _fvu(x, recon)
-        return StepOutput(fvu + self.sparsity_loss(pre, acts, x), recon, fvu, (acts > 0).float().sum(-1).mean(),
-                          (acts > 0).any(0))
+        fvu = (x - recon).pow(2).sum() / _total_var(x, total_var)
+        share = x.shape[0] / (n_total or x.shape[0])
+        return StepOutput(fvu + share * self.sparsity_loss(pre, acts, x), recon, fvu,
+                          (acts > 0).float().sum(-1).mean(), (acts > 0).any(0))
 
     def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), device=x.device)
@@ -154,7 +159,7 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return vals.reshape(-1), topk_pattern(idx, pre.shape[1])
 
-    def training_step(self, x, dead=None):
+    def training_step(self, x, dead=None, total_var=None, n_total=None):
         xc = x - self.b_dec
         with torch.no_grad():
             pre = F.linear(xc, self.W_enc, self.b_enc)
@@ -162,7 +167,7 @@ class TopKSAE(SparseAutoencoder):
         acts = sparse_linear(xc, self.W_enc, self.b_enc, pattern, known).relu()
         recon = sparse_decode(acts, self.W_dec, pattern) + self.b_dec
         err = x - recon
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = _total_var(x, total_var)
         fvu = err.pow(2).sum() / total_var
         aux = self._auxk(xc, pre, err, dead, total_var)
         with torch.no_grad():

@@ -51,7 +51,8 @@ class Pattern:
         return perm, crow_t, self.row[perm]
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.n_rows, self.n_cols))
+        return torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.n_rows, self.n_cols),
+                                       check_invariants=False)
 
     def spmm(self, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """y[n] = sum over entries e of row n: values[e] * W[col e]  -> [n_rows, d]."""
@@ -61,7 +62,8 @@ class Pattern:
     def spmm_t(self, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """G[j] = sum over entries e of column j: values[e] * a[row e]  -> [n_cols, d]."""
         perm, crow_t, row_sorted = self._transpose
-        St = torch.sparse_csr_tensor(crow_t, row_sorted, values[perm].to(a.dtype), size=(self.n_cols, self.n_rows))
+        St = torch.sparse_csr_tensor(crow_t, row_sorted, values[perm].to(a.dtype), size=(self.n_cols, self.n_rows),
+                                      check_invariants=False)
         return St @ a
 
     def gather_dot(self, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,367 @@
+"""Train an SAE on a model's activations at one hook site.
+
+Activations stream from the corpus's train split through the model (stopped at the site), skipping the
+CLS/BOS position, into a shuffle buffer that mixes hundreds of contexts per batch. They are scaled to a mean
+norm of sqrt(d) (scale estimated on the first chunk) and the scale is folded into the saved weights.
+A checkpoint in OUT/checkpoint/ holds everything needed to continue bit-for-bit: weights, Adam state, step,
+tokens, scale, dead-latent counters, the corpus position, the unread part of the buffer and its RNG.
+OUT gets cfg.json only when training finishes, so an unfinished run never looks like an SAE.
+
+Multi-GPU: under torchrun (WORLD_SIZE > 1) every rank reads the same global batch (the activation stream is
+deterministic), trains on its own contiguous slice, and gradients are summed with all_reduce. The FVU
+denominator is the global batch's variance, so the summed gradient equals the single-process one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .archs import ARCHS, SAEConfig, SparseAutoencoder, build
+from .errors import InputError
+
+CKPT_DIR, CKPT_FILE = "checkpoint", "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    layer: int
+    corpus: str = "builtin"
+    latents: int = 4096
+    k: int = 32
+    tokens: int = 1_000_000
+    out: str = "runs/sae"
+    site: str = "resid"
+    arch: str = "topk"
+    device: str = "auto"
+    ctx_len: int = 128
+    batch_tokens: int = 4096
+    lr: float | None = None          # default: 2e-4 / sqrt(latents / 16384), as in sparsify
+    seed: int = 0
+    resume: bool = False
+    buffer_tokens: int = 65_536      # shuffle buffer: each batch mixes ~buffer_tokens/ctx_len contexts
+    warmup_steps: int = 100
+    decay_frac: float = 0.2          # linear decay to zero over this last fraction of the steps
+    dead_tokens: int | None = None   # a latent is dead after this many tokens unfired; default scales with tokens
+    checkpoint_every: int = 500      # steps
+    max_steps: int | None = None     # stop (with a checkpoint, no final SAE) after this many steps; resume later
+    progress: bool = True
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.latents / 16384)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.tokens // self.batch_tokens)
+
+    @property
+    def dead_after(self) -> int:
+        # 10M tokens for real runs (Gao et al.); a short run scales it down so AuxK still gets to act
+        return self.dead_tokens or min(10_000_000, max(self.tokens // 20, 2 * self.batch_tokens))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Everything that can be checked without loading the model, before anything is written."""
+    from .models import SITES
+
+    for name in ("latents", "k", "tokens", "batch_tokens", "ctx_len", "buffer_tokens", "checkpoint_every"):
+        if int(getattr(cfg, name)) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.k >= cfg.latents:
+        raise InputError(f"--k ({cfg.k}) must be smaller than --latents ({cfg.latents})")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise InputError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.layer < 0:
+        raise InputError(f"--layer must be 0 or more, got {cfg.layer}")
+    if cfg.arch not in ARCHS:
+        raise InputError(f"unknown --arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
+    if cfg.site not in SITES:
+        raise InputError(f"unknown --site {cfg.site!r}; valid sites: {', '.join(SITES)}")
+    if cfg.tokens < cfg.batch_tokens:
+        raise InputError(f"--tokens ({cfg.tokens}) must be at least --batch-tokens ({cfg.batch_tokens})")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory; give a directory path")
+    if cfg.resume and not (out / CKPT_DIR / CKPT_FILE).exists():
+        raise InputError(f"--resume: no checkpoint at {out / CKPT_DIR / CKPT_FILE}; run without --resume to start")
+
+
+# ---------------------------------------------------------------- pure math
+def lr_at(step: int, total: int, base: float, warmup: int, decay_frac: float) -> float:
+    """Linear warmup, constant, then linear decay to zero over the last decay_frac of the steps."""
+    warmup = min(warmup, max(1, total // 10))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    decay_start = int(total * (1 - decay_frac))
+    if step >= decay_start:
+        return base * max(total - step, 0) / max(total - decay_start, 1)
+    return base
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance; robust to the outlier tokens."""
+    med = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - med).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - med).norm() < eps * med.norm().clamp_min(1.0):
+            return new
+        med = new
+    return med
+
+
+# ---------------------------------------------------------------- activations
+class ActivationStream:
+    """Batches of activations, shuffled across chunks of ~buffer_tokens from many contexts."""
+
+    def __init__(self, hm, cfg: TrainConfig, skip_contexts: int = 0):
+        from .corpus import iter_contexts
+
+        self.hm, self.cfg = hm, cfg
+        self.contexts = iter_contexts(cfg.corpus, hm.tokenizer, cfg.ctx_len, seed=cfg.seed, split="train",
+                                      skip=skip_contexts)
+        self.consumed = skip_contexts
+        self.pending = torch.empty(0, hm.d_in, device=hm.device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.model_batch = max(1, 4096 // cfg.ctx_len)
+        self.exhausted = False
+
+    def _read_chunk(self) -> torch.Tensor:
+        from .models import content_mask
+
+        parts, n = [], 0
+        while n < self.cfg.buffer_tokens and not self.exhausted:
+            ctxs = []
+            for ctx in self.contexts:
+                ctxs.append(ctx)
+                if len(ctxs) == self.model_batch:
+                    break
+            if len(ctxs) < self.model_batch:
+                self.exhausted = True
+            if not ctxs:
+                break
+            self.consumed += len(ctxs)
+            tokens = torch.tensor(ctxs, dtype=torch.long)
+            acts = self.hm.activations(tokens)[content_mask(tokens, self.hm.tokenizer).to(self.hm.device)]
+            parts.append(acts)
+            n += acts.shape[0]
+        return torch.cat(parts) if parts else self.pending[:0]
+
+    def next_batch(self) -> torch.Tensor | None:
+        """[batch_tokens, d] raw activations, or None once the corpus cannot fill another batch."""
+        b = self.cfg.batch_tokens
+        while self.pending.shape[0] < b and not self.exhausted:
+            both = torch.cat([self.pending, self._read_chunk()])
+            self.pending = both[torch.randperm(both.shape[0], generator=self.gen).to(both.device)]
+        if self.pending.shape[0] < b:
+            return None
+        batch, self.pending = self.pending[:b], self.pending[b:]
+        return batch
+
+    def peek(self, n: int) -> torch.Tensor:
+        """Up to n raw activations from the front of the buffer (filling it), without consuming them."""
+        while self.pending.shape[0] < n and not self.exhausted:
+            both = torch.cat([self.pending, self._read_chunk()])
+            self.pending = both[torch.randperm(both.shape[0], generator=self.gen).to(both.device)]
+        return self.pending[:n]
+
+    def state(self) -> dict:
+        return {"consumed": self.consumed, "pending": self.pending.cpu().clone(), "gen": self.gen.get_state(),
+                "exhausted": self.exhausted}
+
+    def load(self, state: dict) -> None:
+        self.pending = state["pending"].to(self.hm.device)
+        self.gen.set_state(state["gen"])
+        self.exhausted = state["exhausted"]
+
+
+# ---------------------------------------------------------------- the optimisation
+@dataclass
+class StepStats:
+    fvu: float
+    l0: float
+    dead_frac: float
+    lr: float
+
+
+class Trainer:
+    """One SAE, its Adam state and its dead-latent counters; `step` takes one global batch (already scaled)."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, rank: int = 0, world: int = 1):
+        self.sae, self.cfg, self.rank, self.world = sae, cfg, rank, world
+        dev = sae.W_enc.device
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.base_lr, betas=(0.9, 0.999),
+                                    fused=dev.type in ("cuda", "cpu"))
+        self.step_n = 0
+        self.tokens_seen = 0
+        self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=dev)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def dead(self) -> torch.Tensor:
+        return self.since_fired >= self.cfg.dead_after
+
+    def step(self, x: torch.Tensor) -> StepStats:
+        cfg, sae = self.cfg, self.sae
+        lr = lr_at(self.step_n, cfg.total_steps, cfg.base_lr, cfg.warmup_steps, cfg.decay_frac)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total_var = (x - x.mean(0)).pow(2).sum()
+        mine = x.chunk(self.world)[self.rank] if self.world > 1 else x
+        with self.autocast:
+            out = sae.training_step(mine, dead=self.dead(), total_var=total_var, n_total=x.shape[0])
+        out.loss.backward()
+        fired = out.fired.to(torch.uint8)
+        sums = torch.stack([out.fvu.detach().float(), out.l0.detach().float() * mine.shape[0]])
+        if self.world > 1:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sums)
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        self.since_fired += x.shape[0]
+        self.since_fired[fired.bool()] = 0
+        self.step_n += 1
+        self.tokens_seen += x.shape[0]
+        fvu, l0_sum = sums.tolist()
+        return StepStats(fvu, l0_sum / x.shape[0], float(self.dead().float().mean()), lr)
+
+    def state(self) -> dict:
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step_n,
+                "tokens_seen": self.tokens_seen, "since_fired": self.since_fired.cpu()}
+
+    def load(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.step_n, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.since_fired.copy_(state["since_fired"])
+
+
+# ---------------------------------------------------------------- checkpoints
+# fields that must agree between a checkpoint and the run resuming it
+_RESUME_KEYS = ("model", "layer", "site", "corpus", "latents", "k", "arch", "ctx_len", "batch_tokens", "seed",
+                "buffer_tokens")
+
+
+def save_checkpoint(out: Path, trainer: Trainer, stream: ActivationStream, scale: float, cfg: TrainConfig) -> None:
+    d = out / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{CKPT_FILE}.tmp"
+    torch.save({"trainer": trainer.state(), "stream": stream.state(), "scale": scale, "cfg": asdict(cfg),
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, d / CKPT_FILE)
+
+
+def load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
+    try:
+        state = torch.load(out / CKPT_DIR / CKPT_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises several kinds for a damaged file
+        raise InputError(f"cannot read checkpoint {out / CKPT_DIR / CKPT_FILE}: {str(e)[:150]}") from None
+    diff = [f"{k}={state['cfg'][k]!r}" for k in _RESUME_KEYS if state["cfg"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise InputError(f"--resume: the checkpoint in {out} was made with {', '.join(diff)}; "
+                         "give the same settings or a new --out")
+    return state
+
+
+# ---------------------------------------------------------------- the run
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train and save the SAE into cfg.out; returns a summary (tokens, seconds, fvu, l0, dead_frac, out)."""
+    from .formats import save_native
+    from .models import hooked
+
+    validate(cfg)
+    rank, world, local_rank = _distributed()
+    device = cfg.device
+    if world > 1:
+        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    torch.manual_seed(cfg.seed)
+    hm = hooked(cfg.model, cfg.layer, cfg.site, device=device)
+    out = Path(cfg.out)
+    state = load_checkpoint(out, cfg) if cfg.resume else None
+    stream = ActivationStream(hm, cfg, skip_contexts=state["stream"]["consumed"] if state else 0)
+    if state:
+        stream.load(state["stream"])
+    else:
+        sample = stream.peek(8192)  # reads the corpus: an empty or missing one fails here, before OUT is touched
+        if sample.shape[0] < cfg.batch_tokens:
+            raise InputError(f"corpus {cfg.corpus!r} yields only {sample.shape[0]} training tokens, fewer than "
+                             f"--batch-tokens {cfg.batch_tokens}; give a larger corpus or a smaller batch")
+    sae = build(SAEConfig(d_in=hm.d_in, n_latents=cfg.latents, arch=cfg.arch, k=cfg.k, model=cfg.model,
+                          layer=cfg.layer, site=cfg.site, ctx_len=cfg.ctx_len), device=hm.device)
+    trainer = Trainer(sae, cfg, rank, world)
+    if state:
+        trainer.load(state["trainer"])
+        torch.set_rng_state(state["rng"])
+        scale = state["scale"]
+    else:
+        scale = math.sqrt(hm.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(sample * scale))
+        if rank == 0 and out.exists():
+            # a fresh run replaces an earlier one here: it must not look finished while this one runs
+            for name in ("cfg.json", "sae.safetensors", f"{CKPT_DIR}/{CKPT_FILE}"):
+                (out / name).unlink(missing_ok=True)
+
+    bar = tqdm(total=cfg.tokens, initial=min(trainer.tokens_seen, cfg.tokens), unit="tok", unit_scale=True,
+               desc=f"train {cfg.arch} L{cfg.layer}", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               file=sys.stderr)
+    t0, recent, stats = time.perf_counter(), [], None
+    stopped_early = False
+    sae.train()
+    while trainer.tokens_seen + cfg.batch_tokens <= cfg.tokens:
+        if cfg.max_steps is not None and trainer.step_n >= cfg.max_steps:
+            stopped_early = True
+            break
+        x = stream.next_batch()
+        if x is None:
+            tqdm.write(f"warning: corpus {cfg.corpus!r} ran out after {trainer.tokens_seen} training tokens",
+                       file=sys.stderr)
+            break
+        stats = trainer.step(x * scale)
+        recent = (recent + [stats])[-20:]
+        bar.update(x.shape[0])
+        bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}", dead=f"{stats.dead_frac:.3f}",
+                        refresh=False)
+        if rank == 0 and trainer.step_n % cfg.checkpoint_every == 0:
+            save_checkpoint(out, trainer, stream, scale, cfg)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        save_checkpoint(out, trainer, stream, scale, cfg)
+    summary = {"tokens": trainer.tokens_seen, "steps": trainer.step_n, "seconds": round(seconds, 2),
+               "fvu": round(sum(s.fvu for s in recent) / max(len(recent), 1), 4),
+               "l0": round(sum(s.l0 for s in recent) / max(len(recent), 1), 2),
+               "dead_frac": round(float(trainer.dead().float().mean()), 4), "scale": scale,
+               "out": str(out), "finished": not stopped_early}
+    if rank == 0 and not stopped_early:
+        final = build(sae.cfg, device="cpu")
+        final.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
+        final.fold_input_scale(scale)
+        save_native(final, out, extra={"seed": cfg.seed, "corpus": cfg.corpus, "tokens": trainer.tokens_seen,
+                                       "input_scale": scale, "lr": cfg.base_lr, "batch_tokens": cfg.batch_tokens})
+    if world > 1:
+        dist.barrier()
+    return summary
