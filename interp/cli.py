@@ -135,7 +135,7 @@ def harvest_cmd(
 
     summary = harvest_to_catalog(sae, name, corpus, tokens, ctx=ctx, ctx_len=ctx_len, top=top, shard=shard,
                                  replace=replace, device=device, batch_size=batch_size, state_dir=state_dir,
-                                 progress=sys.stderr.isatty() or not json_out)
+                                 progress=sys.stderr.isatty())
     if json_out:
         emit_json(summary)
     else:

@@ -537,17 +537,16 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig = HarvestC
     state = HarvestState(sae.cfg.n_latents, ctx_len, cfg, dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     mine = n_ctx * ctx_len // shard[1]
-    bar = tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False)
     t0 = time.perf_counter()
-    for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
-        with autocast:
-            x = hooked.activations(tok).flatten(0, 1)
-            vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
-        state.update(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
-        bar.update(tok.numel())
-        bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
-                        tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}")
-    bar.close()
+    with tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False) as bar:
+        for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
+            with autocast:
+                x = hooked.activations(tok).flatten(0, 1)
+                vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
+            state.update(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
+            bar.update(tok.numel())
+            bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
+                            tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
     if state.n_tokens == 0:
         raise InputError(f"shard {shard[0]}/{shard[1]} got no contexts of corpus {corpus!r}: "
                          f"give more --tokens (at least {shard[1] * batch_size * ctx_len}) or fewer shards")

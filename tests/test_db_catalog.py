@@ -1,0 +1,284 @@
+"""The catalog against the real Postgres: migrations, a harvest written and read back, replace semantics,
+and the CLI's bad-input and crash behaviour."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+
+from interp.catalog import SAEMeta, load_feature_examples, write_harvest
+from interp.db import connect, migrate
+from sae.archs import SAEConfig, build
+from sae.errors import InputError
+from sae.formats import save_native
+from sae.harvest import HarvestConfig, harvest
+from sae.models import hooked
+
+URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DATABASE_URL": URL}
+
+
+@pytest.fixture(scope="module")
+def conn():
+    c = connect(URL)
+    migrate(c)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def names(conn):
+    made = []
+
+    def new():
+        made.append(f"t_{uuid.uuid4().hex[:10]}")
+        return made[-1]
+
+    yield new
+    conn.execute("DELETE FROM saes WHERE name = ANY(%s)", (made,))
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    sae = build(SAEConfig(d_in=384, n_latents=128, k=6, model="minilm", layer=1, site="resid"))
+    return str(save_native(sae, tmp_path_factory.mktemp("sae") / "minilm-l1"))
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Runs `interp ARGS` in this process through the CLI's own main(): (exit code, stdout, stderr)."""
+    from interp.cli import main
+    from interp.settings import get_settings
+
+    def run(*args, env=None):
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        get_settings.cache_clear()
+        monkeypatch.setattr(sys, "argv", ["interp", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code or 0
+        finally:
+            for k in env or {}:
+                monkeypatch.setenv(k, ENV[k])
+            get_settings.cache_clear()
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+def harvest_args(sae_dir, name, *extra, tokens=1024):
+    return ("harvest", "--sae", sae_dir, "--name", name, "--corpus", "builtin", "--tokens", str(tokens),
+            "--ctx-len", "32", "--ctx", "16", "--top", "10", "--batch-size", "8", *extra)
+
+
+def catalog_rows(conn, name):
+    """Everything the catalog holds for an SAE, sae_id left out, comparable across names."""
+    sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()
+    if sid is None:
+        return None
+    feats = conn.execute("SELECT idx, density, n_fired, max_act, mean_act, hist, hist_max FROM features"
+                         " WHERE sae_id = %s ORDER BY idx", sid).fetchall()
+    exs = conn.execute("SELECT feature, kind, split, ctx, start, max_pos, quantile_bin, scale, acts FROM examples"
+                       " WHERE sae_id = %s ORDER BY feature, kind, split", sid).fetchall()
+    return feats, exs
+
+
+# ---------------------------------------------------------------- migrations
+def test_migrate_twice_is_a_noop_and_concurrent_migrates_do_not_race():
+    schema = f"mig_{uuid.uuid4().hex[:8]}"
+    admin = connect(URL)
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    url = f"{URL}?options=-csearch_path%3D{schema},public"
+    results, errors = [], []
+
+    def run():
+        try:
+            with connect(url) as c:
+                results.append(migrate(c))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert sorted(results, key=len) == [[], [], ["001_catalog"]]
+        with connect(url) as c:
+            assert migrate(c) == []
+            assert c.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+            assert c.execute("SELECT to_regclass('examples')").fetchone()[0] is not None
+    finally:
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+# ---------------------------------------------------------------- write and read back
+@pytest.fixture(scope="module")
+def harvested(sae_dir):
+    from sae.formats import load_sae
+
+    sae = load_sae(sae_dir)
+    hm = hooked("minilm", 1, "resid", "cpu")
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+                    progress=False)
+    return sae, hm, state.result()
+
+
+def _write(conn, name, sae, hm, res, replace=False):
+    from interp.catalog import store_vocab, tokenizer_vocab, vocab_key
+
+    vocab = tokenizer_vocab(hm.tokenizer)
+    key = vocab_key("minilm", vocab)
+    store_vocab(conn, key, vocab)
+    c = sae.cfg
+    meta = SAEMeta(c.model, c.layer, c.site, c.d_in, c.n_latents, c.arch, c.k, metrics={"fvu": 0.5})
+    return write_harvest(conn, name, meta, res, tokenizer=key, replace=replace)
+
+
+def test_written_features_read_back_as_harvested(conn, names, harvested):
+    sae, hm, res = harvested
+    name = names()
+    out = _write(conn, name, sae, hm, res)
+    assert out["features"] == 128 and out["examples"] == len(res.examples)
+    for i in range(0, 128, 9):
+        got = load_feature_examples(conn, name, i)
+        want = res.feature_examples(i)
+        assert got.max_act == pytest.approx(want.max_act) and got.density == pytest.approx(want.density)
+        assert [(e.kind, e.split, e.quantile_bin, e.token_ids) for e in got.examples] == \
+               [(e.kind, e.split, e.quantile_bin, e.token_ids) for e in want.examples]
+        for g, w in zip(got.examples, want.examples):
+            np.testing.assert_allclose(g.acts, w.acts, rtol=1e-5, atol=1e-6)
+            assert g.tokens == hm.tokenizer.convert_ids_to_tokens(g.token_ids) or \
+                   len(g.tokens) == len(g.token_ids)
+        explain = {tuple(e.token_ids) for e in got.split("explain")}
+        assert not explain & {tuple(e.token_ids) for e in got.split("score")}
+    # the vocabulary decodes snippets without a model: the word pieces rebuild the text
+    e = load_feature_examples(conn, name, 0).examples[0]
+    assert e.tokens == [hm.tokenizer.decode([t]) for t in e.token_ids]
+    with pytest.raises(InputError, match="no feature 500"):
+        load_feature_examples(conn, name, 500)
+
+
+def test_existing_name_needs_replace_and_replace_swaps_everything(conn, names, harvested):
+    sae, hm, res = harvested
+    name = names()
+    first = _write(conn, name, sae, hm, res)
+    with pytest.raises(InputError, match="exists already"):
+        _write(conn, name, sae, hm, res)
+    second = _write(conn, name, sae, hm, res, replace=True)
+    assert second["sae_id"] != first["sae_id"]
+    for table in ("features", "examples", "contexts"):
+        assert conn.execute(f"SELECT count(*) FROM {table} WHERE sae_id = %s", (first["sae_id"],)).fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM features WHERE sae_id = %s", (second["sae_id"],)).fetchone()[0] == 128
+
+
+# ---------------------------------------------------------------- the CLI
+def test_cli_harvest_json_feature_view_and_name_clash(conn, names, sae_dir, cli):
+    name = names()
+    r = cli(*harvest_args(sae_dir, name, "--json"))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip().splitlines()
+    assert len(out) == 1
+    import json
+
+    summary = json.loads(out[0])
+    assert set(summary) >= {"features", "examples", "tokens", "seconds"} and summary["features"] == 128
+    assert summary["examples"] == conn.execute(
+        "SELECT sum(cardinality(ctx)) FROM examples e JOIN saes s ON s.id = e.sae_id WHERE s.name = %s",
+        (name,)).fetchone()[0]
+    best = conn.execute("SELECT idx FROM features f JOIN saes s ON s.id = f.sae_id WHERE s.name = %s"
+                        " ORDER BY n_fired DESC LIMIT 1", (name,)).fetchone()[0]
+    r = cli("feature", name, str(best))
+    assert r.returncode == 0, r.stderr
+    assert "«" in r.stdout and "histogram" in r.stdout and "top / score" in r.stdout
+    r = cli(*harvest_args(sae_dir, name))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--replace" in r.stderr
+
+
+def test_cli_bad_input_is_one_line_and_leaves_nothing(conn, names, sae_dir, tmp_path, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    wrong = build(SAEConfig(d_in=100, n_latents=64, k=4, model="minilm", layer=1))
+    wrong_dir = str(save_native(wrong, tmp_path / "wrong"))
+    cases = [
+        (cli(*harvest_args(sae_dir, n1 := names(), "--shard", "2/2")), "expected i/n", n1),
+        (cli("harvest", "--sae", sae_dir, "--name", (n2 := names()), "--corpus", str(empty), "--tokens", "512"),
+         "empty", n2),
+        (cli(*harvest_args(wrong_dir, n3 := names())), "d_in=100", n3),
+    ]
+    for r, words, name in cases:
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert words in r.stderr
+        assert conn.execute("SELECT count(*) FROM saes WHERE name = %s", (name,)).fetchone()[0] == 0
+    bad_url = "postgresql://127.0.0.1:1/test"
+    r = cli(*harvest_args(sae_dir, names()), env={"DATABASE_URL": bad_url})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and bad_url in r.stderr, r.stderr
+    r = cli("db", "migrate", env={"DATABASE_URL": bad_url})
+    assert r.returncode == 2 and bad_url in r.stderr
+
+
+def test_cli_shards_merge_to_the_unsharded_catalog(conn, names, sae_dir, tmp_path, cli):
+    whole, sharded = names(), names()
+    assert cli(*harvest_args(sae_dir, whole, tokens=1536)).returncode == 0
+    for i in (1, 0):
+        r = cli(*harvest_args(sae_dir, sharded, "--shard", f"{i}/2", "--state-dir", str(tmp_path / "st"), "--json",
+                              tokens=1536))
+        assert r.returncode == 0, r.stderr
+        if i == 1:  # the first shard to finish waits for the other and writes nothing
+            assert conn.execute("SELECT count(*) FROM saes WHERE name = %s", (sharded,)).fetchone()[0] == 0
+    a, b = catalog_rows(conn, whole), catalog_rows(conn, sharded)
+    assert a[0] == b[0] and a[1] == b[1]
+
+
+def _waiting_on_lock(conn, name) -> bool:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'SELECT pg_advisory_xact_lock%%'").fetchone()[0] > 0
+
+
+def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names, sae_dir, cli):
+    name = names()
+    assert cli(*harvest_args(sae_dir, name)).returncode == 0
+    before = catalog_rows(conn, name)
+    # 1) killed while harvesting
+    p = subprocess.Popen([sys.executable, "-m", "interp.cli", "harvest", "--sae", sae_dir, "--name", name,
+                          "--tokens", "200000", "--ctx-len", "32", "--replace"], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(8)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert catalog_rows(conn, name) == before
+    # 2) killed after staging, at the swap: hold the SAE's lock so the swap waits, then kill it there
+    with psycopg.connect(URL, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s))", ("sae:" + name,))
+        p = subprocess.Popen([sys.executable, "-m", "interp.cli", "harvest", "--sae", sae_dir, "--name", name,
+                              "--tokens", "1024", "--ctx-len", "32", "--ctx", "16", "--top", "10",
+                              "--batch-size", "8", "--replace"], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while not _waiting_on_lock(conn, name):
+            assert p.poll() is None and time.time() < deadline, "the harvest never reached the swap"
+            time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", ("sae:" + name,))
+    time.sleep(0.5)
+    assert catalog_rows(conn, name) == before
+    r = cli(*harvest_args(sae_dir, name, "--replace", "--json"))
+    assert r.returncode == 0, r.stderr
+    assert catalog_rows(conn, name) == before  # same SAE, same corpus: the same catalog, freshly written
