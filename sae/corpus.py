@@ -115,6 +115,10 @@ def iter_contexts(corpus: str, tokenizer, ctx_len: int = 128, seed: int = 0, spl
                     yield ([bos] if bos is not None else []) + chunk
                 kept += 1
     if not produced:
+        if split == "eval" and index > 0:
+            raise InputError(f"corpus {corpus!r} is too small for a held-out split: it holds {index} contexts of "
+                             f"{ctx_len} tokens and every {EVAL_EVERY}th is held out; give at least "
+                             f"{EVAL_EVERY * ctx_len} tokens of text")
         raise InputError(f"corpus {corpus!r} is empty: it holds fewer than {ctx_len} tokens for the {split} split")
 
 

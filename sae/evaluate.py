@@ -7,6 +7,7 @@ residual stream's mean is often many times its spread) does not cancel the varia
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,9 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
         if n_tok >= tokens:
             break
     bar.close()
+    if n_tok < tokens:
+        tqdm.write(f"warning: the held-out split of {corpus!r} holds only {n_tok} tokens, fewer than --tokens "
+                   f"{tokens}", file=sys.stderr)
 
     out = {
         "fvu": fvu_from_sums(sse, moments.m2),

@@ -162,6 +162,9 @@ def detect(path: str | Path) -> tuple[str, Path]:
         return detect(subs[0])
     if len(subs) > 1:
         raise InputError(f"{p} holds several SAEs ({', '.join(d.name for d in subs)}); give one of those folders")
+    if (p / "checkpoint").is_dir():
+        raise InputError(f"{p} holds only a training checkpoint: the run has not finished; "
+                         "finish it with `interp sae train ... --resume`")
     raise InputError(f"{p} is not an SAE directory: expected cfg.json with sae.safetensors (native, sparsify) "
                      "or sae_weights.safetensors (SAELens)")
 
@@ -197,11 +200,19 @@ def _load_native(d: Path) -> SparseAutoencoder:
 
 
 def _saelens_where(raw: dict) -> tuple[str, int, str]:
+    """(model, layer, site) from a TransformerLens hook name. resid_pre of block L is our resid of L-1; a hook
+    with no counterpart keeps its own name as the site, so eval/harvest say so and ask for --site."""
     meta = {**raw, **(raw.get("metadata") or {})}
     hook = str(meta.get("hook_name") or "")
-    m = re.match(r"blocks\.(\d+)\.(\w+)", hook)
-    layer = int(meta["hook_layer"]) if meta.get("hook_layer") is not None else int(m.group(1)) if m else 0
-    site = _SITE_OF_HOOK.get(m.group(2), "resid") if m else "resid"
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
+    if m is None:
+        layer = int(meta.get("hook_layer") or 0)
+        return str(meta.get("model_name") or ""), layer, hook or "resid"
+    layer, name = int(m.group(1)), m.group(2)
+    if name == "hook_resid_pre":
+        layer, site = layer - 1, "resid"
+    else:
+        site = _SITE_OF_HOOK.get(name, name)
     return str(meta.get("model_name") or ""), layer, site
 
 

@@ -111,3 +111,10 @@ def test_batches(tok, text_file):
     ctxs = list(iter_contexts(str(text_file), tok, ctx_len=16))[:10]
     shapes = [tuple(b.shape) for b in batches(iter(ctxs), 4)]
     assert shapes == [(4, 16), (4, 16), (2, 16)]
+
+
+def test_corpus_too_small_for_a_held_out_split(tok, tmp_path, text_file):
+    (tmp_path / "small.txt").write_text(" ".join(text_file.read_text().split()[:300]))
+    assert len(list(iter_contexts(str(tmp_path / "small.txt"), tok, ctx_len=64))) >= 2
+    with pytest.raises(InputError, match="too small for a held-out split: it holds [0-9] contexts of 64 tokens"):
+        next(iter_contexts(str(tmp_path / "small.txt"), tok, ctx_len=64, split="eval"))

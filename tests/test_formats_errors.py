@@ -109,3 +109,10 @@ def test_overwrite_keeps_other_files_and_never_looks_complete(tmp_path, monkeypa
     assert seen == [("sae.safetensors", False), ("cfg.json", False)]
     assert (out / "checkpoint.pt").exists() and json.loads((out / "cfg.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_unfinished_training_run(tmp_path):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match="holds only a training checkpoint: the run has not finished"):
+        load_sae(tmp_path / "run")

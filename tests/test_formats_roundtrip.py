@@ -151,3 +151,21 @@ def test_foreign_saelens_dirs(tmp_path, variant):
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), want_acts, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae(x), want_recon, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hook,layer,site", [
+    ("blocks.12.hook_resid_post", 12, "resid"), ("blocks.12.hook_resid_pre", 11, "resid"),
+    ("blocks.4.hook_mlp_out", 4, "mlp"), ("blocks.4.hook_attn_out", 4, "attn"),
+    ("blocks.4.attn.hook_z", 4, "attn.hook_z")])
+def test_saelens_hook_names_map_to_our_sites(tmp_path, hook, layer, site):
+    from sae.formats import save_saelens
+
+    save_saelens(_sae("relu"), tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    # SAELens 6 keeps where the SAE reads only under "metadata"
+    for key in ("hook_name", "hook_layer", "model_name"):
+        del cfg[key]
+    cfg["metadata"].update(hook_name=hook, hook_layer=int(hook.split(".")[1]), model_name="gpt2")
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    got = load_sae(tmp_path / "s").cfg
+    assert (got.model, got.layer, got.site) == ("gpt2", layer, site)
