@@ -270,7 +270,7 @@ def _load_sparsify(d: Path) -> SparseAutoencoder:
     state = _read_tensors(wfile)
     _need(state, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), wfile)
     # the hookpoint folder name (layers.3, layers.3.mlp) says where the SAE reads when the cfg does not
-    m = re.match(r"(?:.*\.)?layers\.(\d+)(?:\.(\w+))?$", d.name)
+    m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks)\.(\d+)(?:\.(\w+))?", d.name)
     site_guess = {"mlp": "mlp", "attn": "attn", "self_attn": "attn", "attention": "attn"}.get(m.group(2) or "", "resid") \
         if m else "resid"
     cfg = SAEConfig(d_in=d_in, n_latents=n, arch="topk", k=_int(raw, "k", d / CFG), model=str(raw.get("model") or ""),

@@ -169,3 +169,19 @@ def test_saelens_hook_names_map_to_our_sites(tmp_path, hook, layer, site):
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     got = load_sae(tmp_path / "s").cfg
     assert (got.model, got.layer, got.site) == ("gpt2", layer, site)
+
+
+@pytest.mark.parametrize("folder,layer,site", [
+    ("layers.7", 7, "resid"), ("transformer.h.2.mlp", 2, "mlp"), ("gpt_neox.layers.4.attention", 4, "attn"),
+    ("model.layers.1.self_attn", 1, "attn")])
+def test_sparsify_hookpoint_folder_says_where(tmp_path, folder, layer, site):
+    from sae.formats import save_sparsify
+
+    save_sparsify(_sae("topk"), tmp_path / "run" / folder)
+    cfg_path = tmp_path / "run" / folder / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("model", "layer", "site", "ctx_len"):  # what real sparsify writes lacks these
+        del cfg[key]
+    cfg_path.write_text(json.dumps(cfg))
+    got = load_sae(tmp_path / "run").cfg
+    assert (got.layer, got.site, got.model) == (layer, site, "")
