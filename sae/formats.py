@@ -27,7 +27,7 @@ FORMATS = ("native", "saelens", "sparsify")
 CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors", "sae_weights.safetensors", \
     "sae.safetensors"
 
-# SAELens hook names by our site; the reverse map also accepts the resid_pre/mid names it reads
+# TransformerLens hook names (what SAELens records) of our sites
 _SAELENS_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 _SITE_OF_HOOK = {v: k for k, v in _SAELENS_HOOKS.items()}
 
@@ -50,6 +50,8 @@ def _atomic_dir(out: str | Path):
             raise InputError(f"output {out} exists and is not a directory; give a new directory path")
         (out / CFG).unlink(missing_ok=True)
         names = sorted(p.name for p in tmp.iterdir())
+        for stale in {NATIVE_WEIGHTS, SAELENS_WEIGHTS} - set(names):  # another format's weights would mislead detect()
+            (out / stale).unlink(missing_ok=True)
         for name in [n for n in names if n != CFG] + [n for n in names if n == CFG]:
             os.replace(tmp / name, out / name)
     finally:

@@ -116,3 +116,12 @@ def test_unfinished_training_run(tmp_path):
     (tmp_path / "run" / "checkpoint" / "state.pt").write_bytes(b"x")
     with pytest.raises(InputError, match="holds only a training checkpoint: the run has not finished"):
         load_sae(tmp_path / "run")
+
+
+def test_converting_over_another_format_leaves_no_stale_weights(tmp_path):
+    formats.save_saelens(_sae(), tmp_path / "s")
+    convert(tmp_path / "s", "native", tmp_path / "s2")
+    formats.save_saelens(_sae("relu"), tmp_path / "out")
+    convert(tmp_path / "s2", "native", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cfg.json", "sae.safetensors"]
+    assert load_sae(tmp_path / "out").cfg.arch == "topk"
