@@ -93,7 +93,7 @@ def save_saelens(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
         tensors["threshold"] = threshold
     else:
         arch = {"topk": "topk", "relu": "standard"}[c.arch]
-    hook_name = f"blocks.{c.layer}.{_SAELENS_HOOKS[c.site]}"
+    hook_name = f"blocks.{c.layer}.{_SAELENS_HOOKS.get(c.site, c.site)}"
     meta = {"model_name": c.model, "hook_name": hook_name, "hook_layer": c.layer, "hook_head_index": None,
             "context_size": c.ctx_len, "prepend_bos": True}
     cfg = {"architecture": arch, "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
@@ -173,9 +173,9 @@ def detect(path: str | Path) -> tuple[str, Path]:
 
 def _build(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
     sae = build(cfg)
+    own = sae.state_dict()
     try:
-        sae.load_state_dict({k: v.to(sae.state_dict()[k].dtype) if k in sae.state_dict() else v
-                             for k, v in state.items()}, strict=True)
+        sae.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:200]
         raise InputError(f"{where}: weights do not match its cfg.json ({first})") from None
@@ -197,7 +197,10 @@ def _int(cfg: dict, key: str, where: Path) -> int:
 
 def _load_native(d: Path) -> SparseAutoencoder:
     raw = _read_json(d / CFG)
-    cfg = SAEConfig.from_dict(raw)
+    try:
+        cfg = SAEConfig.from_dict(raw)
+    except TypeError:
+        raise InputError(f"{d / CFG} lacks d_in or n_latents; the SAE directory is damaged") from None
     return _build(cfg, _read_tensors(d / NATIVE_WEIGHTS), d / NATIVE_WEIGHTS)
 
 

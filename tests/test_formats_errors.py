@@ -125,3 +125,12 @@ def test_converting_over_another_format_leaves_no_stale_weights(tmp_path):
     convert(tmp_path / "s2", "native", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cfg.json", "sae.safetensors"]
     assert load_sae(tmp_path / "out").cfg.arch == "topk"
+
+
+def test_native_cfg_without_sizes(tmp_path):
+    save_native(_sae(), tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["n_latents"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="lacks d_in or n_latents"):
+        load_sae(tmp_path / "s")

@@ -169,6 +169,8 @@ def test_saelens_hook_names_map_to_our_sites(tmp_path, hook, layer, site):
     (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
     got = load_sae(tmp_path / "s").cfg
     assert (got.model, got.layer, got.site) == ("gpt2", layer, site)
+    convert(tmp_path / "s", "saelens", tmp_path / "again")
+    assert load_sae(tmp_path / "again").cfg == got
 
 
 @pytest.mark.parametrize("folder,layer,site", [
