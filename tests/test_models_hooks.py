@@ -137,3 +137,8 @@ def test_content_mask_drops_leading_cls_only():
 def test_missing_model_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match="cannot load model"):
         hooked(str(tmp_path / "nope"), 0)
+
+
+def test_uncached_hub_name_is_one_line_error():
+    with pytest.raises(InputError, match="cannot load model 'surely-not-a-cached-model'"):
+        hooked("surely-not-a-cached-model", 0)
