@@ -50,7 +50,7 @@ class HarvestConfig:
     n_bins: int = 10
     per_bin: int = 5
     n_random: int = 20
-    reservoir: int = 40      # hashed token sample per feature feeding the quantile bins
+    reservoir: int = 64      # hashed token sample per feature feeding the quantile bins
     pool: int = 256          # random contexts kept for the non-firing examples
     hist_bins: int = 50
     n_logits: int = 10

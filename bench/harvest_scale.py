@@ -1,0 +1,115 @@
+"""Harvest at scale: a synthetic SAE with many features (1 M is the target), codes synthesised directly
+(no model: this measures the per-feature state, the finalisation and the catalog, not the forward).
+
+Every feature fires often enough (--fires per feature) that it gets its full example sets: 50 top
+contexts, 10 x 5 quantile samples, 20 random non-firing contexts, 32-token windows. Reports peak RSS,
+streaming rate, the load into Postgres (rows/s, examples/s, features/s) and the database bytes per
+feature. Prints a table and one JSON line. Run with `flock /tmp/bench.lock python bench/harvest_scale.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import time
+import uuid
+
+import torch
+from tqdm import tqdm
+
+from interp.catalog import SAEMeta, write_harvest
+from interp.db import connect, migrate
+from sae.harvest import HarvestConfig, HarvestState
+
+SIZE_SQL = """SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i
+              JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass"""
+
+
+def table_bytes(conn) -> dict[str, int]:
+    return {t: conn.execute(SIZE_SQL, (t,)).fetchone()[0] for t in ("features", "examples", "contexts")}
+
+
+def synthetic_codes(i: int, n_tok: int, F: int, k: int, gen: torch.Generator):
+    """k distinct features per token (a random offset plus a fixed stride), activations uniform up to a
+    per-feature scale, so every quantile bin of every feature has tokens to sample."""
+    base = torch.randint(0, F, (n_tok, 1), generator=gen)
+    idx = (base + torch.arange(k) * (F // k)) % F
+    vals = torch.rand(n_tok, k, generator=gen) * (1 + (idx % 7).float() / 7)
+    return vals, idx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--features", type=int, default=1_000_000)
+    ap.add_argument("--fires", type=int, default=400, help="average firing tokens per feature")
+    ap.add_argument("--k", type=int, default=32, help="active features per token")
+    ap.add_argument("--ctx-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="contexts per update")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="leave the synthetic SAE in the catalog")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    F, L, k = args.features, args.ctx_len, args.k
+    n_ctx = math.ceil(F * args.fires / k / L)
+    n_tok = n_ctx * L
+    cfg = HarvestConfig()
+    st = HarvestState(F, L, cfg)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with tqdm(total=n_tok, unit="tok", unit_scale=True, desc="stream", leave=False) as bar:
+        for c0 in range(0, n_ctx, args.batch):
+            b = min(args.batch, n_ctx - c0)
+            vals, idx = synthetic_codes(c0, b * L, F, k, gen)
+            st.update(torch.arange(c0, c0 + b), torch.randint(0, 50257, (b, L), generator=gen), vals, idx)
+            bar.update(b * L)
+    st.top.flush()
+    st.res.flush()
+    stream_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = st.result()
+    finalise_s = time.perf_counter() - t0
+    del st
+    ex = res.examples
+    full = ((ex.kind == 0).sum() / F, (ex.kind == 1).sum() / F, (ex.kind == 2).sum() / F)
+
+    conn = connect()
+    migrate(conn)
+    name = f"bench_scale_{uuid.uuid4().hex[:8]}"
+    before = table_bytes(conn)
+    meta = SAEMeta(model="synthetic", layer=0, site="resid", d_in=64, n_features=F, arch="topk", k=k)
+    t0 = time.perf_counter()
+    out = write_harvest(conn, name, meta, res)
+    load_s = time.perf_counter() - t0
+    conn.execute("ANALYZE features; ANALYZE examples; ANALYZE contexts")
+    after = table_bytes(conn)
+    grown = {t: after[t] - before[t] for t in after}
+    rows = F + out["example_rows"] + out["contexts"]
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if not args.keep:
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+    conn.close()
+
+    per_feature = {t: v / F for t, v in grown.items()}
+    print(f"harvest scale: {F} features, {n_tok} synthetic tokens, k={k}, ctx {L}, window {res.width}, "
+          f"{args.threads} thread(s)")
+    print(f"examples per feature: top {full[0]:.1f}, quantile {full[1]:.1f}, random {full[2]:.1f}")
+    table = [("stream (state updates)", f"{stream_s:.1f} s", f"{n_tok / stream_s:,.0f} tok/s"),
+             ("finalise (choose examples)", f"{finalise_s:.1f} s", ""),
+             ("load into Postgres", f"{load_s:.1f} s",
+              f"{rows / load_s:,.0f} rows/s, {len(ex) / load_s:,.0f} examples/s, {F / load_s:,.0f} features/s"),
+             ("DB bytes per feature", f"{sum(per_feature.values()):,.0f} B",
+              ", ".join(f"{t} {v:,.0f}" for t, v in per_feature.items())),
+             ("peak RSS", f"{rss_gib:.2f} GiB", "")]
+    for row in table:
+        print(f"{row[0]:<28}{row[1]:>12}   {row[2]}")
+    print(json.dumps({"benchmark": "harvest_scale", "features": F, "tokens": n_tok, "stream_tok_s": round(n_tok / stream_s),
+                      "finalise_s": round(finalise_s, 1), "load_s": round(load_s, 1), "db_rows": rows,
+                      "rows_per_s": round(rows / load_s), "examples_per_s": round(len(ex) / load_s),
+                      "features_per_s": round(F / load_s), "bytes_per_feature": round(sum(per_feature.values())),
+                      "bytes_per_feature_by_table": {t: round(v) for t, v in per_feature.items()},
+                      "examples_per_feature": [round(x, 1) for x in full], "peak_rss_gib": round(rss_gib, 2)}))
+
+
+if __name__ == "__main__":
+    main()

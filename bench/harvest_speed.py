@@ -1,0 +1,134 @@
+"""Harvest throughput: model (stopped at the hook) + SAE encoder + per-feature state, side by side with the
+bare forward of the whole model over the same tokens, in one run.
+
+CPU (default): MiniLM, layer 3, a random TopK SAE with 16,384 latents.
+--gpu:         a GPT-2-sized random model (768 wide, 12 layers), layer 6, 131,072 latents, bf16 autocast.
+Prints a table and one JSON line. Run with `flock /tmp/bench.lock python bench/harvest_speed.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from sae.archs import SAEConfig, build
+from sae.corpus import iter_contexts
+from sae.harvest import HarvestConfig, HarvestState
+from sae.models import HookedModel, content_mask, load_model
+
+
+def gpt2_sized(device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sae.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=1024)).eval().requires_grad_(False).to(device)
+    return model, load_tokenizer("minilm")  # any tokenizer: the corpus only needs ids below 50257
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="contexts per forward")
+    ap.add_argument("--ctx-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--repeats", type=int, default=3, help="each side runs this often; the best time counts")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu:
+        model, tok = gpt2_sized(dev)
+        layer, latents, k = 6, 131_072, 32
+        tokens, batch = args.tokens or 262_144, args.batch or 64
+    else:
+        model, tok = load_model("minilm", dev)
+        layer, latents, k = 3, 16_384, 32
+        tokens, batch = args.tokens or 16_384, args.batch or 16
+    hm = HookedModel(model, tok, layer, "resid")
+    torch.manual_seed(0)
+    sae = build(SAEConfig(d_in=hm.d_in, n_latents=latents, k=k), device=dev).eval().requires_grad_(False)
+    L = args.ctx_len
+    ctxs = []
+    for c in iter_contexts("builtin", tok, L):
+        ctxs.append(c)
+        if len(ctxs) * L >= tokens:
+            break
+    batches = [torch.tensor(ctxs[i:i + batch], device=dev) for i in range(0, len(ctxs), batch)]
+    n_tok = sum(b.numel() for b in batches)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.gpu)
+
+    def sync():
+        if args.gpu:
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def bare():
+        with autocast:
+            for b in batches:
+                model(input_ids=b, attention_mask=torch.ones_like(b))
+        sync()
+
+    @torch.no_grad()
+    def stopped():
+        with autocast:
+            for b in batches:
+                hm.activations(b)
+        sync()
+
+    @torch.no_grad()
+    def encode():
+        with autocast:
+            for b in batches:
+                sae.encode_sparse(hm.activations(b).flatten(0, 1))
+        sync()
+
+    @torch.no_grad()
+    def full_harvest():
+        st = HarvestState(latents, L, HarvestConfig(), dev)
+        with autocast:
+            for i, b in enumerate(batches):
+                vals, idx = sae.encode_sparse(hm.activations(b).flatten(0, 1))
+                st.update(torch.arange(i * batch, i * batch + len(b)), b, vals, idx, content_mask(b, tok))
+        st.top.flush()
+        st.res.flush()
+        sync()
+        return st
+
+    bare()  # warm-up
+    stages = {"bare forward (whole model)": bare, "stopped at the hook": stopped, "+ SAE encode_sparse": encode,
+              "+ per-feature state (harvest)": full_harvest}
+    rows = {name: math.inf for name in stages}
+    for _ in range(args.repeats):  # round-robin, best of each: fair under a load that comes and goes
+        for name, fn in stages.items():
+            t = time.perf_counter()
+            fn()
+            rows[name] = min(rows[name], time.perf_counter() - t)
+    st = full_harvest()
+    t = time.perf_counter()
+    res = st.result()
+    finish = time.perf_counter() - t
+    base = rows["bare forward (whole model)"]
+    device = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"harvest speed: {n_tok} tokens, layer {layer}, {latents} latents, k={k}, {device}")
+    print(f"{'stage':<32}{'seconds':>10}{'tok/s':>12}{'x bare':>9}")
+    for name, sec in rows.items():
+        print(f"{name:<32}{sec:>10.3f}{n_tok / sec:>12.0f}{sec / base:>9.2f}")
+    print(f"{'finalise (result, once)':<32}{finish:>10.3f}")
+    ratio = rows["+ per-feature state (harvest)"] / base
+    print(json.dumps({"benchmark": "harvest_speed", "device": device, "tokens": n_tok, "latents": latents,
+                      "bare_tok_s": round(n_tok / base), "harvest_tok_s": round(n_tok / rows["+ per-feature state (harvest)"]),
+                      "harvest_over_bare": round(ratio, 3), "finalise_s": round(finish, 3),
+                      "examples": len(res.examples), "goal_over_bare": 1.25}))
+
+
+if __name__ == "__main__":
+    main()
