@@ -152,6 +152,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
     """(format, directory holding the files). A folder with exactly one SAE subfolder (sparsify's
     hookpoint layout) resolves to that subfolder."""
     p = Path(path)
+    if p.is_file() and p.name in (CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS):
+        p = p.parent
     if not p.is_dir():
         raise InputError(f"SAE directory {str(path)!r} not found; give a folder holding cfg.json and a .safetensors file")
     if (p / CFG).is_file():

@@ -56,6 +56,7 @@ def test_convert_pair(tmp_path, arch, src, dst):
     assert detect(tmp_path / "b")[0] == dst
     back = load_sae(tmp_path / "b")
     _assert_same(sae, back)
+    assert detect(tmp_path / "b" / "cfg.json") == detect(tmp_path / "b")  # a file in the folder names it too
     assert (back.cfg.d_in, back.cfg.n_latents, back.cfg.layer, back.cfg.site, back.cfg.model) == \
         (D, N, 3, "mlp", "some/model")
     if arch == "topk":
