@@ -26,6 +26,9 @@ def sparsify():
     try:
         from sparsify.config import SparseCoderConfig
         from sparsify.sparse_coder import SparseCoder
+    except ImportError as e:
+        pytest.skip(f"eai-sparsify's SparseCoder is not importable ({e}); "
+                    "pip install --no-deps eai-sparsify natsort simple-parsing einops")
     finally:
         # leave no stub package behind for other tests that import sparsify their own way
         for name in [n for n in sys.modules if ours(n)]:
