@@ -111,13 +111,16 @@ class SparseAutoencoder(nn.Module):
         pre = self.pre_acts(x)
         acts = self.activate(pre)
         recon = self.decode(acts)
-        fvu = (x - recon).pow(2).sum() / _total_var(x, total_var)
-        share = x.shape[0] / (n_total or x.shape[0])
-        return StepOutput(fvu + share * self.sparsity_loss(pre, acts, x), recon, fvu,
+        total_var = _total_var(x, total_var)
+        n_total = n_total or x.shape[0]
+        fvu = (x - recon).pow(2).sum() / total_var
+        rms = (total_var / n_total).sqrt()
+        return StepOutput(fvu + x.shape[0] / n_total * self.sparsity_loss(pre, acts, rms), recon, fvu,
                           (acts > 0).float().sum(-1).mean(), (acts > 0).any(0))
 
-    def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((), device=x.device)
+    def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+        """Mean over the tokens; rms is the batch's root-mean-square distance to its mean (a scale)."""
+        return torch.zeros((), device=pre.device)
 
     # ---- weight maintenance ----
     @torch.no_grad()
@@ -288,7 +291,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate(self, pre):
         return _JumpReLUFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).to(pre.dtype)
 
-    def sparsity_loss(self, pre, acts, x):
+    def sparsity_loss(self, pre, acts, rms):
         # L0 via the step function, normalised so that l0 == k costs l0_coef
         l0 = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
         return self.cfg.l0_coef * l0 / self.cfg.k * 0.05
@@ -304,10 +307,10 @@ class ReLUSAE(SparseAutoencoder):
     def activate(self, pre):
         return pre.relu()
 
-    def sparsity_loss(self, pre, acts, x):
-        # L1 weighted by decoder norm, relative to the input's variance so l1_coef is scale-free
+    def sparsity_loss(self, pre, acts, rms):
+        # L1 weighted by decoder norm, relative to the input's spread so l1_coef is scale-free
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return self.cfg.l1_coef * l1 / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).sqrt() / self.cfg.k
+        return self.cfg.l1_coef * l1 / rms / self.cfg.k
 
 
 ARCHS: dict[str, type[SparseAutoencoder]] = {c.arch: c for c in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)}
