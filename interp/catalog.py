@@ -14,6 +14,8 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+from interp import pgbinary
+from interp.pgbinary import Col
 from sae.errors import InputError
 from sae.harvest import KINDS, SPLITS, HarvestResult
 from sae.records import Example, FeatureExamples
@@ -91,35 +93,77 @@ CREATE TEMP TABLE IF NOT EXISTS stage_examples (feature int, kind text, split te
 TRUNCATE stage_features, stage_contexts, stage_examples;
 """
 
-_FEATURE_TYPES = ["int4", "float4", "int8", "float4", "float4", "int4[]", "float4", "int4[]", "float4[]",
-                  "int4[]", "float4[]"]
-_EXAMPLE_TYPES = ["int4", "text", "text", "int2", "int4[]", "int2[]", "int2[]", "int2[]", "float4[]", "bytea"]
+def _text(codes: np.ndarray, names: tuple[str, ...]) -> Col:
+    enc = [n.encode() for n in names]
+    table = np.frombuffer(b"".join(enc), np.uint8)
+    sizes = np.array([len(e) for e in enc])
+    lens = sizes[codes]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[codes]
+    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+    return Col("bytes", table[idx], lens)
 
 
-def example_groups(res: HarvestResult):
-    """Rows for the examples table: one per (feature, kind, split), the examples packed into arrays."""
+def example_groups(res: HarvestResult) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of examples sharing (feature, kind, split): one examples row each."""
+    ex = res.examples
+    code = ex.feature.astype(np.int64) * 8 + ex.kind * 2 + ex.split
+    cuts = np.flatnonzero(np.diff(code)) + 1
+    return np.concatenate([[0], cuts]).astype(np.int64), np.concatenate([cuts, [len(ex)]]).astype(np.int64)
+
+
+def example_blocks(res: HarvestResult, block: int = 65536):
+    """Binary COPY data for the examples table, `block` rows at a time: one row per (feature, kind, split),
+    the examples of that group packed into arrays."""
     ex = res.examples
     if len(ex) == 0:
         return
-    code = (ex.feature.astype(np.int64) * 8 + ex.kind * 2 + ex.split)
-    cuts = np.flatnonzero(np.diff(code)) + 1
-    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ex)]])
-    ctx, start, max_pos, qbin, scale = (a.tolist() for a in (ex.ctx, ex.start, ex.max_pos, ex.qbin, ex.scale))
-    feature, kind, split = ex.feature.tolist(), ex.kind.tolist(), ex.split.tolist()
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        k = KINDS[kind[a]]
-        yield (feature[a], k, SPLITS[split[a]], res.width, ctx[a:b], start[a:b], max_pos[a:b],
-               qbin[a:b] if k == "quantile" else None, scale[a:b], ex.acts[a:b].tobytes())
+    starts, ends = example_groups(res)
+    for g0 in range(0, len(starts), block):
+        gs, ge = starts[g0:g0 + block], ends[g0:g0 + block]
+        a, b = int(gs[0]), int(ge[-1])
+        n = ge - gs
+        kind = ex.kind[gs].astype(np.int64)
+        quant = ex.kind[a:b] == 1
+        cols = [Col(">i4", ex.feature[gs]), _text(kind, KINDS), _text(ex.split[gs].astype(np.int64), SPLITS),
+                Col(">i2", np.full(len(gs), res.width)), Col(">i4", ex.ctx[a:b], n), Col(">i2", ex.start[a:b], n),
+                Col(">i2", ex.max_pos[a:b], n), Col(">i2", ex.qbin[a:b][quant], np.where(kind == 1, n, -1)),
+                Col(">f4", ex.scale[a:b], n), Col("bytes", ex.acts[a:b].ravel(), n * res.width)]
+        yield pgbinary.rows(cols, len(gs))
 
 
-def _feature_rows(res: HarvestResult):
-    cols = [res.density.tolist(), res.n_fired.tolist(), res.max_act.tolist(), res.mean_act.tolist(),
-            res.hist.tolist(), res.hist_max.tolist()]
+def feature_blocks(res: HarvestResult, block: int = 262144):
     lg = res.logits
-    logit_cols = ([lg.top_ids.tolist(), lg.top_vals.tolist(), lg.bottom_ids.tolist(), lg.bottom_vals.tolist()]
-                  if lg is not None else [[None] * res.n_features] * 4)
-    for i, row in enumerate(zip(*cols, *logit_cols)):
-        yield (i, *row)
+    nb = res.hist.shape[1]
+    for a in range(0, res.n_features, block):
+        b = min(a + block, res.n_features)
+        m = b - a
+        cols = [Col(">i4", np.arange(a, b)), Col(">f4", res.density[a:b]), Col(">i8", res.n_fired[a:b]),
+                Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
+                Col(">i4", res.hist[a:b].ravel(), np.full(m, nb)), Col(">f4", res.hist_max[a:b])]
+        if lg is not None:
+            n = np.full(m, lg.top_ids.shape[1])
+            cols += [Col(">i4", lg.top_ids[a:b].ravel(), n), Col(">f4", lg.top_vals[a:b].ravel(), n),
+                     Col(">i4", lg.bottom_ids[a:b].ravel(), n), Col(">f4", lg.bottom_vals[a:b].ravel(), n)]
+        else:
+            cols += [Col(">i4", np.zeros(0), np.full(m, -1))] * 4
+        yield pgbinary.rows(cols, m)
+
+
+def context_blocks(res: HarvestResult, block: int = 65536):
+    ids = sorted(res.contexts)
+    for a in range(0, len(ids), block):
+        part = ids[a:a + block]
+        toks = [res.contexts[c] for c in part]
+        yield pgbinary.rows([Col(">i4", np.array(part)),
+                             Col(">i4", np.concatenate(toks), np.array([len(t) for t in toks]))], len(part))
+
+
+def _copy(cur, table: str, blocks) -> None:
+    with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as cp:
+        cp.write(pgbinary.HEADER)
+        for data in blocks:
+            cp.write(data)
+        cp.write(pgbinary.TRAILER)
 
 
 def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta, res: HarvestResult, *,
@@ -130,20 +174,10 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta, res: Harve
     with conn.transaction():
         conn.execute(_STAGING)
         cur = conn.cursor()
-        with cur.copy("COPY stage_features FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(_FEATURE_TYPES)
-            for row in _feature_rows(res):
-                cp.write_row(row)
-        with cur.copy("COPY stage_contexts FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(["int4", "int4[]"])
-            for c, toks in res.contexts.items():
-                cp.write_row((c, toks.tolist()))
-        n_rows = 0
-        with cur.copy("COPY stage_examples FROM STDIN (FORMAT BINARY)") as cp:
-            cp.set_types(_EXAMPLE_TYPES)
-            for row in example_groups(res):
-                cp.write_row(row)
-                n_rows += 1
+        _copy(cur, "stage_features", feature_blocks(res))
+        _copy(cur, "stage_contexts", context_blocks(res))
+        _copy(cur, "stage_examples", example_blocks(res))
+        n_rows = len(example_groups(res)[0]) if len(res.examples) else 0
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
         old = sae_id(conn, name)

@@ -205,34 +205,31 @@ class HarvestState:
         self.sumq.index_add_(0, f, torch.round(v.double() * SUM_SCALE).long())
         self._hist(f, v)
 
-        # the batch's nonzeros sorted by (row, feature): a window's activations are looked up, not recomputed
-        code = rows * self.n + f
-        code, order = code.sort()
-        lookup = (code, v[order])
-
-        def windows(ff, ll, pp):
-            return lambda i: self._windows(ff[i], ll[i], pp[i], lookup)
-
-        # top contexts: per (feature, context) the max and its first position
+        # per (feature, context) group: its activations as a dense row, its max and the max's first position
         g = f * B + local
         ug, inv = torch.unique(g, return_inverse=True)
-        gmax = torch.zeros(ug.numel(), device=dev).scatter_reduce_(0, inv, v, "amax", include_self=False)
+        rows_of_group = torch.zeros((ug.numel(), L), device=dev)
+        rows_of_group[inv, pos] = v
+        gmax = rows_of_group.amax(1)
         cand_pos = torch.where(v == gmax[inv], pos, torch.full_like(pos, L))
         gpos = torch.full((ug.numel(),), L, dtype=torch.long, device=dev).scatter_reduce_(0, inv, cand_pos, "amin")
         gf, gl = ug // B, ug % B
-        self.top.offer(gf, -gmax, ctx_ids[gl] * L + gpos, gmax, windows(gf, gl, gpos))
-        self.res.offer(f, keyhash(self.cfg.seed, f, key), key, v, windows(f, local, pos))
+
+        def windows(group, at):
+            return lambda i: self._windows(rows_of_group, group[i], at[i])
+
+        gid = torch.arange(ug.numel(), device=dev)
+        self.top.offer(gf, -gmax, ctx_ids[gl] * L + gpos, gmax, windows(gid, gpos))
+        self.res.offer(f, keyhash(self.cfg.seed, f, key), key, v, windows(inv, pos))
         self._pool(ctx_ids, local, f)
         if len(self.contexts) > self._prune_at:
             self._prune()
 
-    def _windows(self, f, local, pos, lookup):
-        code, sv = lookup
+    def _windows(self, group_rows, group, pos):
+        """The activations of a window of width w around pos, quantised to bytes, and their max."""
         w, L = self.width, self.L
         start = (pos - w // 2).clamp(0, L - w)
-        q = ((local * L + start)[:, None] + torch.arange(w, device=f.device)) * self.n + f[:, None]
-        at = torch.searchsorted(code, q).clamp(max=max(code.numel() - 1, 0))
-        a = torch.where(code[at] == q, sv[at], torch.zeros((), device=f.device)) if code.numel() else q * 0.0
+        a = group_rows[group[:, None], start[:, None] + torch.arange(w, device=pos.device)]
         s = a.amax(-1)
         return torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8), s
 

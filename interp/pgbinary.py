@@ -1,0 +1,75 @@
+"""Postgres binary COPY rows built column-wise with numpy: the per-row Python cost of a generic dumper is
+what limits bulk loads, so a whole block of rows is encoded by a few vectorised copies instead.
+
+A column is a `Col`: per row either one scalar, or a ragged 1-D array (values + per-row lengths), or NULL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+TRAILER = b"\xff\xff"
+_OID = {">i2": 21, ">i4": 23, ">i8": 20, ">f4": 700}
+
+
+@dataclass
+class Col:
+    dtype: str                       # ">i2" | ">i4" | ">i8" | ">f4" | "bytes"
+    values: np.ndarray               # scalars [rows], or the flat elements of all rows' arrays
+    lengths: np.ndarray | None = None  # ragged: elements per row; -1 = NULL
+    array: bool = False              # a Postgres array (vs. a scalar, or bytea/text for dtype "bytes")
+
+
+def _field(col: Col, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat bytes of the column for all rows, bytes per row) including each field's length word."""
+    if col.lengths is None:  # fixed-width scalar
+        v = np.asarray(col.values).astype(col.dtype)
+        rec = np.empty(n_rows, dtype=[("len", ">i4"), ("v", col.dtype)])
+        rec["len"], rec["v"] = v.dtype.itemsize, v
+        return rec.view(np.uint8), np.full(n_rows, rec.dtype.itemsize, np.int64)
+    lengths = col.lengths.astype(np.int64)
+    null = lengths < 0
+    n = np.where(null, 0, lengths)
+    if col.dtype == "bytes":
+        data = np.asarray(col.values, np.uint8).ravel()
+        head = np.empty(n_rows, dtype=">i4")
+        head[:] = np.where(null, -1, n)
+        return _join([head.view(np.uint8), data], [np.full(n_rows, 4), n], n_rows)
+    size = np.dtype(col.dtype).itemsize
+    elems = np.empty(int(n.sum()), dtype=[("len", ">i4"), ("v", col.dtype)])
+    elems["len"], elems["v"] = size, col.values
+    head = np.empty((n_rows, 6), dtype=">i4")
+    head[:, 0] = np.where(null, -1, 20 + n * (4 + size))
+    head[:, 1:] = np.stack([np.ones_like(n), np.zeros_like(n), np.full_like(n, _OID[col.dtype]), n,
+                            np.ones_like(n)], 1)
+    head_len = np.where(null, 4, 24)
+    # a NULL field is its length word alone: cut the other 20 header bytes
+    head_bytes = head.view(np.uint8).reshape(n_rows, 24)
+    flat_head = head_bytes[np.arange(24)[None, :] < head_len[:, None]]
+    return _join([flat_head, elems.view(np.uint8)], [head_len, n * (4 + size)], n_rows)
+
+
+def _join(parts: list[np.ndarray], lengths: list[np.ndarray], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Interleave ragged parts row by row: row r is part0[r] + part1[r] + ...
+    One slice copy per field: cheaper than a per-byte numpy gather once rows hold a few hundred bytes."""
+    lens = np.stack([np.broadcast_to(np.asarray(x, np.int64), (n_rows,)) for x in lengths], 1)
+    per_row = lens.sum(1)
+    out = bytearray(int(per_row.sum()))
+    src = np.concatenate([np.zeros((1, len(parts)), np.int64), np.cumsum(lens, 0)[:-1]], 0)
+    dst = np.cumsum(np.concatenate([[0], lens.ravel()]))[:-1].reshape(n_rows, len(parts))
+    view = memoryview(out)
+    for p, part in enumerate(parts):
+        mv = memoryview(np.ascontiguousarray(part, np.uint8))
+        for d, s, n in zip(dst[:, p].tolist(), src[:, p].tolist(), lens[:, p].tolist()):
+            view[d:d + n] = mv[s:s + n]
+    return np.frombuffer(out, np.uint8), per_row
+
+
+def rows(cols: list[Col], n_rows: int) -> bytes:
+    """The binary COPY tuples (no header/trailer) of n_rows rows."""
+    fields = [_field(c, n_rows) for c in cols]
+    count = np.full(n_rows, len(cols), dtype=">i2").view(np.uint8)
+    out, _ = _join([count] + [f[0] for f in fields], [np.full(n_rows, 2)] + [f[1] for f in fields], n_rows)
+    return out.tobytes()
