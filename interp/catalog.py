@@ -344,6 +344,9 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
             "seed": cfg.seed}
     out = write_harvest(conn, name, meta, res, tokenizer=key, harvest_info=info, replace=replace)
     conn.close()
+    if n > 1:  # merged and written: stale partial states must not leak into a later sharded run
+        for j in range(n):
+            _shard_file(folder, j, n).unlink(missing_ok=True)
     return {"features": out["features"], "examples": out["examples"], "tokens": res.n_tokens,
             "seconds": round(time.perf_counter() - t0, 2)}
 
