@@ -282,3 +282,25 @@ def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names,
     r = cli(*harvest_args(sae_dir, name, "--replace", "--json"))
     assert r.returncode == 0, r.stderr
     assert catalog_rows(conn, name) == before  # same SAE, same corpus: the same catalog, freshly written
+
+
+def test_causal_lm_harvest_stores_logit_tokens(conn, names, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from interp.catalog import feature_view, harvest_to_catalog
+    from sae.models import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    sae = build(SAEConfig(d_in=32, n_latents=48, k=4, model=str(tmp_path / "gpt2"), layer=1, site="mlp"))
+    name = names()
+    out = harvest_to_catalog(str(save_native(sae, tmp_path / "sae")), name, "builtin", 512, ctx=16, ctx_len=32,
+                             top=10, device="cpu", progress=False, url=URL)
+    assert out["features"] == 48 and out["tokens"] > 0
+    v = feature_view(conn, name, 0)
+    W = (sae.W_dec.detach() @ GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").lm_head.weight.T)[0]
+    want = [tok.decode([i]) for i in W.topk(10).indices.tolist()]
+    assert v.top_logits == want and len(v.bottom_logits) == 10
