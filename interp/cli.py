@@ -146,7 +146,7 @@ def harvest_cmd(
 def feature_cmd(
     name: str = typer.Argument(..., help="SAE name in the catalog"),
     idx: int = typer.Argument(..., help="feature index"),
-    n: int = typer.Option(8, help="snippets shown per set"),
+    n: int = typer.Option(8, "--n", "-n", help="snippets shown per set"),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Show one feature: stats, histogram, snippets with activating tokens marked, labels and scores."""
