@@ -239,6 +239,8 @@ def make_client(spec: str, *, concurrency: int | None = None, timeout_s: float |
     if spec == "baseline":
         return None
     if kind == "openai" and rest == "local":
+        # llama.cpp's server answers one request at a time: queueing more there only runs their timeouts down
+        common.update(concurrency=concurrency or 1, timeout_s=timeout_s or max(s.llm_timeout_s, 300.0))
         return OpenAIClient(model="local", base_url=local_base_url(), api_key="local", spec=spec, **common)
     if kind == "openai" and rest:
         key = s.openai_api_key.get_secret_value()

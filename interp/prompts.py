@@ -1,6 +1,7 @@
 """Prompt templates (versioned files in interp/prompts/), snippet rendering, escaping and label parsing.
 
-A template file `NAME-vN.txt` holds a system part and a user part split by a `=== user ===` line, with
+A template file `NAME-vN.txt` holds a system part, then turns each opened by `=== user ===` or
+`=== assistant ===` (the last one a user turn), with
 `$placeholders` (string.Template, so braces in corpus text or JSON examples need no escaping). The file
 stem is the version stored with every label and score.
 """
@@ -27,25 +28,29 @@ DEFAULT_VERSIONS = {"explain": "explain-v1", "simulate": "simulate-v1", "simulat
 @dataclass(frozen=True)
 class Prompt:
     version: str
-    system: Template
-    user: Template
+    turns: tuple[tuple[str, Template], ...]     # (role, template); the first is the system turn
 
     def messages(self, **values) -> list[dict]:
         # only newlines are trimmed: a leading space may belong to the first token
-        return [{"role": "system", "content": self.system.substitute(values).strip()},
-                {"role": "user", "content": self.user.substitute(values).strip("\n")}]
+        return [{"role": role, "content": t.substitute(values).strip() if role == "system"
+                 else t.substitute(values).strip("\n")} for role, t in self.turns]
+
+
+_TURN = re.compile(r"^=== (user|assistant) ===\n", re.M)
 
 
 @lru_cache
 def load(version: str) -> Prompt:
+    """Sections: system text, then `=== user ===` / `=== assistant ===` turns (few-shot examples are turns)."""
     path = PROMPTS / f"{version}.txt"
     if not path.is_file():
         have = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.txt")))
         raise InputError(f"no prompt template {version!r}; available: {have}")
-    system, sep, user = path.read_text(encoding="utf-8").partition("=== user ===\n")
-    if not sep:
-        raise InputError(f"prompt template {path} has no '=== user ===' line between its system and user parts")
-    return Prompt(version, Template(system), Template(user))
+    parts = _TURN.split(path.read_text(encoding="utf-8"))
+    if len(parts) < 3 or parts[-2] != "user":
+        raise InputError(f"prompt template {path} needs a system part and turns ending with a '=== user ===' one")
+    turns = [("system", Template(parts[0]))] + [(parts[i], Template(parts[i + 1])) for i in range(1, len(parts), 2)]
+    return Prompt(version, tuple(turns))
 
 
 def escape(text: str) -> str:

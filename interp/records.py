@@ -47,6 +47,7 @@ class ExampleScore(BaseModel):
     true: list[float] | float           # per-token activations (simulation) or 1/0 activating (classifiers)
     predicted: list[float] | float | None
     probability: float | None = None    # P(activating) from logprobs or a similarity, when there is one
+    missing: int = 0                    # simulated tokens the simulator gave no value for (scored as 0)
 
 
 class Score(BaseModel):

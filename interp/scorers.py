@@ -75,7 +75,8 @@ async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig = ScoreCo
     methods = {s.method for s in sims}
     failures = [s.failure for s in sims if s.failure]
     at = _position(fe)
-    breakdown = [ExampleScore(example=at[id(e)], kind=e.kind, true=a, predicted=s.expected)
+    breakdown = [ExampleScore(example=at[id(e)], kind=e.kind, true=a, predicted=s.expected,
+                              missing=s.missing)
                  for e, (_, a), s in zip(exs, wins, sims)]
     return Score(sae=fe.sae, index=fe.index, scorer="simulation", simulator=simulator.client.spec,
                  prompt_version=simulator.prompt_version if methods == {"logprobs"} else simulator.json_version,

@@ -14,7 +14,6 @@ from .records import Usage
 from .scoring import expected_value
 
 _VALUE_TAB = re.compile(r"\t\s*(\d{1,2})\b")
-_VALUE_END = re.compile(r"(\d{1,2})\s*$")
 _JSON_OBJ = re.compile(r"\{.*\}", re.S)
 
 
@@ -27,27 +26,31 @@ class Simulation:
     failure: str | None = None
 
 
-def values_from_logprobs(c: Completion, n: int) -> tuple[list[float], int]:
-    """Per answer line, the value after the tab (else the last number on the line), as an expected value
-    from the top_logprobs of the token where that number starts; line i belongs to token i."""
+def values_from_logprobs(c: Completion, lines: list[str]) -> tuple[list[float], int]:
+    """Each answer line `token<TAB>N` gives its token's value, as the expected value over the top_logprobs of
+    the token where N starts. Lines are matched to the prompt's token lines by name, in order (a line that
+    names no upcoming token is skipped), so a simulator that drops or invents lines cannot shift values
+    onto the wrong tokens. Unmatched tokens get 0 and are counted as missing."""
     text, starts = "", []
     for t in c.logprobs:
         starts.append(len(text))
         text += t.token
-    out: list[float] = []
-    pos = 0
+    n = len(lines)
+    out: list[float | None] = [None] * n
+    cursor, pos = 0, 0
     for line in text.split("\n"):
-        if len(out) == n:
-            break
-        m = _VALUE_TAB.search(line) or _VALUE_END.search(line)
-        if m and line.strip():
-            at = pos + m.start(1)
-            i = max(j for j, s in enumerate(starts) if s <= at)
-            ev = expected_value(c.logprobs[i].top) if text[at:at + 1] == c.logprobs[i].token.strip()[:1] else None
-            out.append(ev if ev is not None else float(min(10, int(m.group(1)))))
+        m = _VALUE_TAB.search(line)
+        if m and cursor < n:
+            name = line[:m.start()].strip()
+            j = next((k for k in range(cursor, min(n, cursor + 4)) if lines[k].strip() == name), None)
+            if j is not None:
+                at = pos + m.start(1)
+                i = max(k for k, s in enumerate(starts) if s <= at)
+                ev = expected_value(c.logprobs[i].top) if c.logprobs[i].token.strip()[:1] == text[at] else None
+                out[j] = ev if ev is not None else float(min(10, int(m.group(1))))
+                cursor = j + 1
         pos += len(line) + 1
-    missing = n - len(out)
-    return out + [0.0] * missing, missing
+    return [0.0 if v is None else v for v in out], sum(v is None for v in out)
 
 
 def values_from_json(text: str, n: int) -> tuple[list[float], int]:
@@ -74,15 +77,15 @@ class Simulator:
         n = len(tokens)
         usage = Usage()
         if self.use_logprobs:
-            msgs = prompts.load(self.prompt_version).messages(label=prompts.escape(label),
-                                                               tokens=prompts.token_lines(tokens))
+            lines = prompts.token_lines(tokens)
+            msgs = prompts.load(self.prompt_version).messages(label=prompts.escape(label), tokens=lines)
             try:
-                c = await self.client.chat(msgs, max_tokens=8 * n + 16, logprobs=True, top_logprobs=self.top_logprobs)
+                c = await self.client.chat(msgs, max_tokens=6 * n + 16, logprobs=True, top_logprobs=self.top_logprobs)
             except LLMError as e:
                 return Simulation([0.0] * n, "logprobs", usage, n, failure=f"error: {e}")
             usage.add(c.usage)
             if c.logprobs is not None:
-                vals, missing = values_from_logprobs(c, n)
+                vals, missing = values_from_logprobs(c, lines.split("\n"))
                 return Simulation(vals, "logprobs", usage, missing)
             if c.text.strip():
                 self.use_logprobs = False

@@ -31,8 +31,8 @@ def feature(n=6):
 
 
 def token_lines_of(body):
-    user = body["messages"][1]["content"]
-    return [ln for ln in user.split("\n") if not ln.startswith("There are")]
+    user = body["messages"][-1]["content"]
+    return [ln for ln in user.split("\n") if not ln.startswith(("There are", "Feature:", "Tokens:"))]
 
 
 def oracle(body):
@@ -47,7 +47,7 @@ def oracle(body):
         lines = token_lines_of(body)
         return Reply(json.dumps({"activations": [9 if ln == " 7" else 0 for ln in lines]}))
     if "numbered text snippets" in system:
-        snippets = re.findall(r"^\d+\. (.*)$", body["messages"][1]["content"], re.M)
+        snippets = re.findall(r"^\d+\. (.*)$", body["messages"][-1]["content"], re.M)
         fuzz = "marked" in system
         ans = [int(("<< 7>>" if fuzz else " 7") in s) for s in snippets]
         return Reply(json.dumps(ans), tops={1 + 3 * i: {"1": -0.1, "0": -2.4} if a else {"0": -0.1, "1": -2.4}
@@ -104,7 +104,7 @@ def test_wrong_label_simulates_worse_than_right_label(stub):
     def literal(body):
         system = body["messages"][0]["content"]
         lines = token_lines_of(body)
-        want = re.search(r"described as: the token (\S+)", system).group(1)
+        want = re.search(r"Feature: the token (\S+)", body["messages"][-1]["content"]).group(1)
         return simulation_reply(lines, [8.0 if ln.strip() == want else 0.0 for ln in lines])
 
     stub.responder = literal

