@@ -246,9 +246,9 @@ def test_cli_shards_merge_to_the_unsharded_catalog(conn, names, sae_dir, tmp_pat
     assert a[0] == b[0] and a[1] == b[1]
 
 
-def _waiting_on_lock(conn, name) -> bool:
+def _waiting_on_lock(conn) -> bool:
     return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE 'SELECT pg_advisory_xact_lock%%'").fetchone()[0] > 0
+                        " AND query LIKE 'SELECT pg_advisory_xact_lock(hashtext%%'").fetchone()[0] > 0
 
 
 def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names, sae_dir, cli):
@@ -271,7 +271,7 @@ def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names,
                               "--batch-size", "8", "--replace"], env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 90
-        while not _waiting_on_lock(conn, name):
+        while not _waiting_on_lock(conn):
             assert p.poll() is None and time.time() < deadline, "the harvest never reached the swap"
             time.sleep(0.2)
         p.send_signal(signal.SIGKILL)
