@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def fmt(v):
 
 
 def main() -> None:
+    # a plain SIGTERM would skip LocalLLM's exit and orphan the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, default=8)
     ap.add_argument("--n-active", type=int, default=3, help="activating score snippets simulated per feature")

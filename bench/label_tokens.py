@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from tests.planted import planted_features  # noqa: E402
 
 
 def main() -> None:
+    # a plain SIGTERM would skip LocalLLM's exit and orphan the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, default=2)
     a = ap.parse_args()
