@@ -42,7 +42,8 @@ def sae_train(
     arch: str = typer.Option("topk", help="topk | batchtopk | jumprelu | relu"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     ctx_len: int = typer.Option(128, "--ctx-len"),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="tokens per optimiser step"),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens",
+                                               help="tokens per optimiser step (default: about tokens/200, 512..4096)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default scales with latents)"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
@@ -57,6 +58,9 @@ def sae_train(
     summary = train(cfg)
     if json_out:
         emit_json(summary)
+    else:
+        typer.echo(f"trained {summary['tokens']:,} tokens in {summary['seconds']:.0f}s: fvu {summary['fvu']:.4f}, "
+                   f"l0 {summary['l0']:.1f}, dead {summary['dead_frac']:.3f} -> {summary['out']}")
 
 
 @sae_app.command("eval")

@@ -43,21 +43,30 @@ class TrainConfig:
     arch: str = "topk"
     device: str = "auto"
     ctx_len: int = 128
-    batch_tokens: int = 4096
-    lr: float | None = None          # default: 2e-4 / sqrt(latents / 16384), as in sparsify
+    batch_tokens: int | None = None  # default: about tokens/400 (a power of two in 512..4096), so short runs still
+                                     # take a few hundred steps
+    lr: float | None = None          # default: see base_lr
     seed: int = 0
     resume: bool = False
     buffer_tokens: int = 65_536      # shuffle buffer: each batch mixes ~buffer_tokens/ctx_len contexts
     warmup_steps: int = 100
-    decay_frac: float = 0.2          # linear decay to zero over this last fraction of the steps
+    decay_frac: float = 0.5          # linear decay to zero over this last fraction of the steps
     dead_tokens: int | None = None   # a latent is dead after this many tokens unfired; default scales with tokens
     checkpoint_every: int = 500      # steps
     max_steps: int | None = None     # stop (with a checkpoint, no final SAE) after this many steps; resume later
     progress: bool = True
 
+    def __post_init__(self):
+        if self.batch_tokens is None:
+            self.batch_tokens = int(min(4096, max(512, 2 ** round(math.log2(max(self.tokens, 1) / 400)))))
+
     @property
     def base_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.latents / 16384)
+        """sparsify's 2e-4 / sqrt(latents / 16384) for runs of 10M tokens and more; shorter runs take fewer
+        steps and get larger ones, ~1/sqrt(tokens), up to 8x (measured on MiniLM at 200k tokens, README)."""
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / math.sqrt(self.latents / 16384) * min(8.0, max(1.0, math.sqrt(1e7 / self.tokens)))
 
     @property
     def total_steps(self) -> int:

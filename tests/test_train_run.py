@@ -101,8 +101,9 @@ def _cfg(corpus, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_continues_to_the_same_weights(tmp_path, corpus):
-    whole = train(_cfg(corpus, tmp_path / "whole"))
+def test_resume_continues_to_the_same_weights_and_the_sae_works_on_raw_activations(tmp_path, corpus):
+    cfg = _cfg(corpus, tmp_path / "whole")
+    whole = train(cfg)
     part = train(_cfg(corpus, tmp_path / "parts", max_steps=3))
     assert not part["finished"] and part["steps"] == 3 and part["tokens"] == 3 * 256
     assert not (tmp_path / "parts" / "cfg.json").exists()   # an interrupted run does not look like an SAE
@@ -113,15 +114,11 @@ def test_resume_continues_to_the_same_weights(tmp_path, corpus):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
-
-def test_saved_sae_works_on_raw_activations(tmp_path, corpus):
-    cfg = _cfg(corpus, tmp_path / "s", tokens=256 * 12, k=8)
-    summary = train(cfg)
-    sae = load_sae(tmp_path / "s")
+    sae = load_sae(tmp_path / "whole")
     assert sae.cfg.model == "minilm" and sae.cfg.layer == 1
-    assert summary["scale"] != pytest.approx(1.0, abs=0.05)  # the folding below is really exercised
+    assert whole["scale"] != pytest.approx(1.0, abs=0.05)  # the folding below is really exercised
     x = ActivationStream(hooked("minilm", 1, "resid", device="cpu"), cfg).next_batch()  # raw, unscaled
     with torch.no_grad():
         fvu = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     # folded weights on raw activations do at least as well as training did (its mean over the last steps)
-    assert fvu < min(summary["fvu"] + 0.02, 0.95)
+    assert fvu < min(whole["fvu"] + 0.02, 0.95)
