@@ -180,12 +180,27 @@ def minilm_encoder():
     return SentenceTransformer(str(minilm_path()), device="cpu")
 
 
+_EMBED_CACHE: dict[tuple[int, str], "np.ndarray"] = {}
+
+
+def _embed(texts: list[str], enc):
+    """Unit-norm embeddings, cached: one feature's snippets are embedded once however many labels are scored."""
+    import numpy as np
+
+    todo = [t for t in dict.fromkeys(texts) if (id(enc), t) not in _EMBED_CACHE]
+    if todo:
+        if len(_EMBED_CACHE) > 20_000:
+            _EMBED_CACHE.clear()
+        for t, v in zip(todo, enc.encode(todo, normalize_embeddings=True, convert_to_numpy=True)):
+            _EMBED_CACHE[(id(enc), t)] = v
+    return np.stack([_EMBED_CACHE[(id(enc), t)] for t in texts])
+
+
 def embedding(fe, label, cfg: ScoreConfig = ScoreConfig(), encoder=None) -> Score:
     """Offline: AUROC of cosine(label, snippet) separating activating from non-activating snippets."""
     exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
     texts = ["".join(window(e, cfg.width)[0]) for e in exs]
-    enc = encoder or minilm_encoder()
-    vecs = enc.encode([label] + texts, normalize_embeddings=True, convert_to_numpy=True)
+    vecs = _embed([label] + texts, encoder or minilm_encoder())
     sims = (vecs[1:] @ vecs[0]).tolist()
     y = [_truth(e) for e in exs]
     value = auroc(y, sims)
