@@ -192,7 +192,8 @@ class HFClient:
 
     def _prompt_ids(self, messages):
         if getattr(self._tok, "chat_template", None):
-            return self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            return self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
         text = "\n\n".join(m["content"] for m in messages) + "\n"
         return self._tok(text, return_tensors="pt").input_ids
 

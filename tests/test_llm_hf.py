@@ -18,6 +18,8 @@ def tiny_lm(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    # instruct models ship a chat template; the client must use it
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     tok.save_pretrained(path)
     GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=1024,
                                eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)).save_pretrained(path)
