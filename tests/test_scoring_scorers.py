@@ -6,10 +6,9 @@ import re
 
 import pytest
 
-from interp.explainers import LLMExplainer, window
+from interp.explainers import LLMExplainer
 from interp.llm import Backoff, OpenAIClient
-from interp.scorers import ScoreConfig, classify, embedding, run_scorers, score_set, simulation
-from interp.scoring import normalise_activations
+from interp.scorers import classify, run_scorers, score_set, simulation
 from interp.simulator import Simulator
 from sae.errors import InputError
 from sae.records import Example, FeatureExamples
