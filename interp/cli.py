@@ -176,8 +176,6 @@ def llm_serve(
     n_ctx: int = typer.Option(4096, "--n-ctx", help="context window in tokens"),
 ):
     """Serve the local LLM over the OpenAI protocol in the foreground (the endpoint behind `openai:local`)."""
-    import subprocess
-
     from interp.local_llm import server_command
     from interp.settings import get_settings
 
@@ -186,7 +184,9 @@ def llm_serve(
     cmd = server_command(model_file, host, port, n_ctx)
     hint = "" if port == s.local_llm_port else f" (set LOCAL_LLM_PORT={port} for openai:local)"
     typer.echo(f"local LLM: {cmd[cmd.index('--model') + 1]}\nserving http://{host}:{port}/v1 as openai:local{hint}; Ctrl-C stops")
-    sys.exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    # become the server: signals reach it directly and no orphan is left behind
+    os.execv(cmd[0], cmd)
 
 
 @app.command("explain")

@@ -63,3 +63,32 @@ def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch):
     # the server really returns top_logprobs through the openai client
     assert raw.logprobs and all(len(t.top) >= 2 for t in raw.logprobs)
     assert client.usage.total == ex.usage.total + score.usage.total + raw.usage.total
+
+
+def test_interp_llm_serve_prints_the_url_and_serves(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from interp.local_llm import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "llm", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert f"serving http://127.0.0.1:{port}/v1 as openai:local" in lines[1]
+        assert lines[0].startswith("local LLM: ") and lines[0].strip().endswith(".gguf")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(30)
