@@ -149,11 +149,3 @@ class BaselineExplainer:
             label += f' after "{top_prev}"'
         rec.label = prompts.clean_label(label.replace("\n", "\\n"))
         return rec
-
-
-def make_explainer(spec: str, **kwargs):
-    from .llm import make_client
-
-    if spec == "baseline":
-        return BaselineExplainer()
-    return LLMExplainer(make_client(spec), **kwargs)

@@ -230,17 +230,33 @@ async def run_scorers(fe: FeatureExamples, label: str, names, client=None, cfg: 
     return list(await asyncio.gather(*jobs))
 
 
-async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | None, names) -> tuple:
-    """Explain one feature and score its label: the whole labelling step for one feature, LLM calls concurrent.
-    Clients are made here, inside the running loop (see OpenAIClient)."""
-    from .explainers import make_explainer
+async def label_features(fes: list[FeatureExamples], explainer: str, simulator: str | None, names) -> list[tuple]:
+    """The labelling step for a chunk of features in one event loop (a Celery task runs one): explain each,
+    score its label; all LLM calls concurrent under the clients' limits. Clients are made here, inside the
+    running loop (see OpenAIClient); one spec shares one client, so one concurrency limit."""
+    from .explainers import BaselineExplainer, LLMExplainer
     from .llm import make_client
 
-    ex = await make_explainer(explainer).explain(fe)
-    if not ex.ok:
-        return ex, []
-    client = make_client(simulator or explainer) if any(n != "embedding" for n in names) else None
-    return ex, await run_scorers(fe, ex.label, names, client)
+    names = list(names)
+    exp_client = make_client(explainer)
+    sim_spec = simulator or explainer
+    needs_sim = any(n != "embedding" for n in names)
+    sim_client = (exp_client if sim_spec == explainer else make_client(sim_spec)) if needs_sim else None
+    exp = BaselineExplainer() if exp_client is None else LLMExplainer(exp_client)
+
+    async def one(fe):
+        ex = await exp.explain(fe)
+        return (ex, await run_scorers(fe, ex.label, names, sim_client)) if ex.ok else (ex, [])
+
+    try:
+        return list(await asyncio.gather(*(one(fe) for fe in fes)))
+    finally:
+        for c in {id(c): c for c in (exp_client, sim_client) if c is not None}.values():
+            await c.close()
+
+
+async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | None, names) -> tuple:
+    return (await label_features([fe], explainer, simulator, names))[0]
 
 
 def read_feature_file(path: str) -> FeatureExamples:

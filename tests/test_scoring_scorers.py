@@ -180,3 +180,23 @@ def test_run_scorers_rejects_llm_scorers_without_an_llm():
         asyncio.run(run_scorers(feature(), "x", ["simulation"], None))
     with pytest.raises(InputError, match="unknown scorer 'simulatoin'"):
         asyncio.run(run_scorers(feature(), "x", ["simulatoin"], None))
+
+
+def test_label_features_runs_a_chunk_concurrently_in_one_loop(monkeypatch):
+    from interp.scorers import label_features
+    from interp.settings import get_settings
+
+    with StubLLM(latency_s=0.2) as stub:
+        stub.responder = oracle
+        monkeypatch.setenv("OPENAI_BASE_URL", stub.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        get_settings.cache_clear()
+        try:
+            out = asyncio.run(label_features([feature() for _ in range(4)], "openai:explainer", "openai:sim",
+                                             ["detection"]))
+        finally:
+            get_settings.cache_clear()
+    assert [ex.label for ex, _ in out] == ["the digit 7"] * 4
+    assert all(sc[0].values["balanced_accuracy"] == 1.0 for _, sc in out)
+    assert len(stub.requests) == 4 * (1 + 3) and stub.max_in_flight >= 4     # not one feature after another
+    assert {b["model"] for b in stub.requests} == {"explainer", "sim"}
