@@ -135,7 +135,9 @@ class OpenAIClient:
             spent.calls += 1
             if attempt == self.max_retries:
                 self.usage.add(spent)
-                raise LLMError(f"{reason} from {self.spec}, gave up after {attempt + 1} attempts")
+                hint = ("; is `interp llm serve` running?" if self.spec == "openai:local" and
+                        reason.startswith("connection") else "")
+                raise LLMError(f"{reason} from {self.spec} at {self.base_url}, gave up after {attempt + 1} attempts{hint}")
             self.retries += 1
             delay = self.backoff.delay(attempt, retry_after)
             log.info("%s: %s, retry %d in %.2fs", self.spec, reason, attempt + 1, delay)
