@@ -109,6 +109,8 @@ def parse_label(answer: str | None, refusal: str | None = None) -> str:
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
         line = line[1:-1]
     line = clean_label(line)
+    if line.lower() in ("<short description>", "short description"):
+        raise LabelError("unparseable: the answer format's placeholder was echoed")
     if not any(ch.isalnum() for ch in line):
         raise LabelError(f"unparseable: {answer.strip()[:60]!r}")
     return line

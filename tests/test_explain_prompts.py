@@ -54,7 +54,7 @@ def test_parse_label_bounds_and_failures():
     long = parse_label("Label: " + "word " * 100)
     assert len(long) <= 200 and "\n" not in long
     for answer, reason in [("", "empty"), ("   \n", "empty"), ("I'm sorry, I can't do that", "refusal"),
-                           ("Label: ...", "unparseable")]:
+                           ("Label: ...", "unparseable"), ("Label: <short description>", "placeholder")]:
         with pytest.raises(LabelError, match=reason):
             parse_label(answer)
     with pytest.raises(LabelError, match="refusal"):
