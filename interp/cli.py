@@ -56,6 +56,8 @@ def sae_train(
                       out=out, arch=arch, device=device, ctx_len=ctx_len, batch_tokens=batch_tokens, lr=lr,
                       seed=seed, resume=resume)
     summary = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     if json_out:
         emit_json(summary)
     else:
