@@ -128,28 +128,38 @@ class _Bank:
         if self.buf_size >= self.flush_at:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, chunk: int = 16384) -> None:
         if not self.buf:
             return
         f, prim, key, val, scale, win = (torch.cat(x) for x in zip(*self.buf))
         self.buf, self.buf_size = [], 0
-        valid = self.key >= 0
-        rows = valid.nonzero()[:, 0]
-        seg = torch.cat([rows, f])
-        P, K = torch.cat([self.prim[valid], prim]), torch.cat([self.key[valid], key])
-        V, S = torch.cat([self.val[valid], val]), torch.cat([self.scale[valid], scale])
-        W = torch.cat([self.win[valid], win])
-        order, rank = _lexrank(seg, P, K)
-        sel = order[rank < self.cap]
-        r = rank[rank < self.cap]
-        fs = seg[sel]
-        self.prim.fill_(self.empty)
-        self.key.fill_(-1)
-        self.val.zero_()
-        self.scale.zero_()
-        self.win.zero_()
-        self.prim[fs, r], self.key[fs, r], self.val[fs, r] = P[sel], K[sel], V[sel]
-        self.scale[fs, r], self.win[fs, r] = S[sel], W[sel]
+        order = torch.sort(f, stable=True).indices
+        f, prim, key, val, scale, win = f[order], prim[order], key[order], val[order], scale[order], win[order]
+        del order
+        # feature rows a chunk at a time, so the merge's temporaries stay small next to the state
+        edges = torch.searchsorted(f, torch.arange(0, self.n + chunk, chunk, device=f.device)).tolist()
+        for c, lo in enumerate(range(0, self.n, chunk)):
+            a, b = edges[c], edges[c + 1]
+            if a == b:
+                continue
+            hi = min(lo + chunk, self.n)
+            valid = self.key[lo:hi] >= 0
+            seg = torch.cat([valid.nonzero()[:, 0] + lo, f[a:b]])
+            P = torch.cat([self.prim[lo:hi][valid], prim[a:b]])
+            K = torch.cat([self.key[lo:hi][valid], key[a:b]])
+            V = torch.cat([self.val[lo:hi][valid], val[a:b]])
+            S = torch.cat([self.scale[lo:hi][valid], scale[a:b]])
+            W = torch.cat([self.win[lo:hi][valid], win[a:b]])
+            ordr, rank = _lexrank(seg, P, K)
+            sel, r = ordr[rank < self.cap], rank[rank < self.cap]
+            fs = seg[sel]
+            self.prim[lo:hi] = self.empty
+            self.key[lo:hi] = -1
+            self.val[lo:hi] = 0
+            self.scale[lo:hi] = 0
+            self.win[lo:hi] = 0
+            self.prim[fs, r], self.key[fs, r], self.val[fs, r] = P[sel], K[sel], V[sel]
+            self.scale[fs, r], self.win[fs, r] = S[sel], W[sel]
 
     def merge(self, other: "_Bank") -> None:
         other.flush()

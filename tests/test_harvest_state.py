@@ -185,3 +185,12 @@ def test_logit_tokens_read_the_decoder_through_the_unembedding():
     assert lt.top_ids[:, 0].tolist() == [0, 1, 2, 3]
     assert lt.top_vals[:, 0].tolist() == [1, 2, 3, 4]
     assert EMPTY_HASH > 2 ** 33
+
+
+def test_flushing_feature_rows_in_chunks_changes_nothing(full, monkeypatch):
+    from sae.harvest import _Bank
+
+    monkeypatch.setattr(_Bank.flush, "__defaults__", (7,))
+    chunked = run(range(24)).result()
+    for k in full.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(chunked.examples, k), getattr(full.examples, k), err_msg=k)
