@@ -44,7 +44,7 @@ def load_sparsify():
 
 
 class Synthetic:
-    """x = sparse nonnegative codes over n_true random unit directions, plus a mean offset and noise."""
+    """x = 20 random directions (of n_true unit ones) per token with random weights, a mean offset and noise."""
 
     def __init__(self, d: int, n_true: int, device, seed: int = 0):
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -54,10 +54,10 @@ class Synthetic:
         self.n_true, self.d, self.device = n_true, d, device
         self.g = torch.Generator(device=device).manual_seed(seed + 1)
 
-    def batch(self, n: int) -> torch.Tensor:
-        active = torch.rand(n, self.n_true, generator=self.g, device=self.device) < 20 / self.n_true
-        mags = torch.rand(n, self.n_true, generator=self.g, device=self.device) * 2
-        x = (active * mags) @ self.dirs + self.offset
+    def batch(self, n: int, active: int = 20) -> torch.Tensor:
+        idx = torch.randint(0, self.n_true, (n, active), generator=self.g, device=self.device)
+        mags = torch.rand(n, active, generator=self.g, device=self.device) * 2
+        x = torch.nn.functional.embedding_bag(idx, self.dirs, per_sample_weights=mags, mode="sum") + self.offset
         return x + 0.05 * torch.randn(n, self.d, generator=self.g, device=self.device)
 
 
@@ -104,7 +104,7 @@ def sync(device):
 
 
 def run_config(c, device, steps: int, block: int, lr: float, classes) -> dict:
-    data = Synthetic(c["d"], 4 * c["m"], device)
+    data = Synthetic(c["d"], min(4 * c["m"], 65536), device)
     first = data.batch(c["batch"])
     steps_fn = make_pair(c, device, *classes, first, lr)
     times = {name: [] for name in steps_fn}

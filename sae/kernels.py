@@ -56,8 +56,7 @@ class Pattern:
 
     def spmm(self, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """y[n] = sum over entries e of row n: values[e] * W[col e]  -> [n_rows, d]."""
-        return F.embedding_bag(self.col, W, self.crow[:-1], mode="sum", per_sample_weights=values.to(W.dtype),
-                               include_last_offset=False)
+        return F.embedding_bag(self.col, W, self.crow[:-1], mode="sum", per_sample_weights=values.to(W.dtype))
 
     def spmm_t(self, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """G[j] = sum over entries e of column j: values[e] * a[row e]  -> [n_cols, d]."""
