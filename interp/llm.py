@@ -89,6 +89,8 @@ class OpenAIClient:
     max_retries: int = 5
     backoff: Backoff = field(default_factory=Backoff)
     spec: str = ""
+    # llama.cpp's server takes a GBNF `grammar` that fixes the answer's shape; other endpoints get none
+    grammar_ok: bool = False
 
     def __post_init__(self):
         import openai
@@ -104,10 +106,13 @@ class OpenAIClient:
         return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
 
     async def chat(self, messages: list[dict], *, max_tokens: int = 256, logprobs: bool = False,
-                   top_logprobs: int = 0, json_mode: bool = False, temperature: float = 0.0) -> Completion:
+                   top_logprobs: int = 0, json_mode: bool = False, temperature: float = 0.0,
+                   grammar: str | None = None) -> Completion:
         import openai
 
         kwargs = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+        if grammar is not None and self.grammar_ok:
+            kwargs["extra_body"] = {"grammar": grammar}
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=top_logprobs)
         if json_mode:
@@ -221,7 +226,7 @@ class HFClient:
         return Completion(text=self._tok.decode(new, skip_special_tokens=True), logprobs=lps, usage=usage)
 
     async def chat(self, messages, *, max_tokens=256, logprobs=False, top_logprobs=0, json_mode=False,
-                   temperature=0.0) -> Completion:
+                   temperature=0.0, grammar=None) -> Completion:
         async with self._lock:
             return await asyncio.to_thread(self._generate, messages, max_tokens, top_logprobs if logprobs else 1)
 
@@ -244,7 +249,8 @@ def make_client(spec: str, *, concurrency: int | None = None, timeout_s: float |
     if kind == "openai" and rest == "local":
         # llama.cpp's server answers one request at a time: queueing more there only runs their timeouts down
         common.update(concurrency=concurrency or 1, timeout_s=timeout_s or max(s.llm_timeout_s, 300.0))
-        return OpenAIClient(model="local", base_url=local_base_url(), api_key="local", spec=spec, **common)
+        return OpenAIClient(model="local", base_url=local_base_url(), api_key="local", spec=spec, grammar_ok=True,
+                            **common)
     if kind == "openai" and rest:
         key = s.openai_api_key.get_secret_value()
         if not key and not s.openai_base_url:

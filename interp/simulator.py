@@ -53,6 +53,25 @@ def values_from_logprobs(c: Completion, lines: list[str]) -> tuple[list[float], 
     return [0.0 if v is None else v for v in out], sum(v is None for v in out)
 
 
+def _gbnf_literal(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02X}" if ord(ch) < 0x100 else f"\\u{ord(ch):04X}")
+    return '"' + "".join(out) + '"'
+
+
+def answer_grammar(lines: list[str]) -> str:
+    """A GBNF grammar that admits exactly one `token<TAB>N` line per prompt token, in order: where the endpoint
+    enforces it (llama.cpp), a small model can no longer drop or reorder lines, it only chooses the numbers."""
+    body = " ".join(f"{_gbnf_literal(line + chr(9))} v {_gbnf_literal(chr(10))}" for line in lines)
+    return f'root ::= {body}\nv ::= "10" | [0-9]\n'
+
+
 def values_from_json(text: str, n: int) -> tuple[list[float], int]:
     m = _JSON_OBJ.search(text or "")
     if not m:
@@ -80,7 +99,8 @@ class Simulator:
             lines = prompts.token_lines(tokens)
             msgs = prompts.load(self.prompt_version).messages(label=prompts.escape(label), tokens=lines)
             try:
-                c = await self.client.chat(msgs, max_tokens=6 * n + 16, logprobs=True, top_logprobs=self.top_logprobs)
+                c = await self.client.chat(msgs, max_tokens=6 * n + 16, logprobs=True, top_logprobs=self.top_logprobs,
+                                           grammar=answer_grammar(lines.split("\n")))
             except LLMError as e:
                 return Simulation([0.0] * n, "logprobs", usage, n, failure=f"error: {e}")
             usage.add(c.usage)

@@ -40,3 +40,13 @@ def test_json_values_are_clipped_padded_and_counted():
         values_from_json("nothing", 2)
     with pytest.raises(ValueError, match='no "activations" list'):
         values_from_json('{"values": [1]}', 1)
+
+
+def test_answer_grammar_fixes_every_line_and_escapes_the_corpus():
+    from interp.simulator import answer_grammar
+
+    g = answer_grammar(["def", ' "x"', "a\\b", "\x01"])
+    root, v = g.strip().split("\n")
+    assert v == 'v ::= "10" | [0-9]'
+    # one literal per token line, in order, each followed by a value and a newline
+    assert root == r'root ::= "def\x09" v "\x0A" " \"x\"\x09" v "\x0A" "a\\b\x09" v "\x0A" "\x01\x09" v "\x0A"'
