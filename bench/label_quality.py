@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm  # noqa: E402
 
 from interp.explainers import BaselineExplainer, LLMExplainer  # noqa: E402
-from interp.llm import OpenAIClient  # noqa: E402
 from interp.local_llm import LocalLLM  # noqa: E402
 from interp.scorers import ScoreConfig, embedding, simulation  # noqa: E402
 from interp.simulator import Simulator  # noqa: E402
@@ -56,7 +55,7 @@ def main() -> None:
     if not a.no_llm:
         with LocalLLM() as srv:
             async def run():
-                client = OpenAIClient(model="local", base_url=srv.url, spec="openai:local", concurrency=1, timeout_s=600)
+                client = srv.client(concurrency=1, timeout_s=600)
                 llm_labels, per_feature = [], []
                 bar = tqdm(planted, desc="local LLM: explain + simulate", unit="feature")
                 sims: dict[str, list] = {k: [] for k in ("correct", "baseline", "local-llm", "shuffled")}

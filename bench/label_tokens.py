@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tqdm import tqdm  # noqa: E402
 
 from interp.explainers import LLMExplainer  # noqa: E402
-from interp.llm import OpenAIClient  # noqa: E402
 from interp.local_llm import LocalLLM  # noqa: E402
 from interp.scorers import ScoreConfig, classify, simulation  # noqa: E402
 from interp.simulator import Simulator  # noqa: E402
@@ -41,7 +40,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with LocalLLM() as srv:
         async def run():
-            client = OpenAIClient(model="local", base_url=srv.url, spec="openai:local", concurrency=1, timeout_s=600)
+            client = srv.client(concurrency=1, timeout_s=600)
             bar = tqdm(planted, desc="tokens per feature", unit="feature")
             for rule, fe in bar:
                 ex = await LLMExplainer(client).explain(fe)

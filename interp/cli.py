@@ -223,16 +223,38 @@ def explain_cmd(
 @app.command("demo")
 def demo(
     out: str = typer.Option("runs/demo", help="where the demo SAE goes"),
-    tokens: int = typer.Option(200_000),
+    tokens: int = typer.Option(200_000, help="training tokens"),
+    harvest_tokens: int = typer.Option(50_000, "--harvest-tokens", help="corpus tokens harvested into the catalog"),
+    features: int = typer.Option(3, help="features labelled (baseline explainer, embedding scorer) and shown"),
 ):
-    """Run what exists end to end on the embedded defaults: train and evaluate an SAE on MiniLM."""
-    from sae.train import TrainConfig, train
+    """What exists, end to end on the embedded defaults: train and evaluate an SAE on MiniLM, harvest it into
+    the Postgres catalog as `demo`, then label and score a few features offline and show them."""
+    import asyncio
+
+    from interp.catalog import harvest_to_catalog, load_feature_examples
+    from interp.db import connect
+    from interp.scorers import label_features
     from sae.evaluate import evaluate
+    from sae.train import TrainConfig, train
 
     train(TrainConfig(model="minilm", layer=3, corpus="builtin", latents=2048, k=16, tokens=tokens, out=out))
     metrics = evaluate(out, corpus="builtin", tokens=50_000)
     for key, val in metrics.items():
         typer.echo(f"{key:>16}: {val}")
+    summary = harvest_to_catalog(out, "demo", "builtin", harvest_tokens, replace=True,
+                                 progress=sys.stderr.isatty())
+    typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
+    with connect() as conn:
+        # the densest features have full example sets even in a short harvest
+        idxs = [r[0] for r in conn.execute(
+            "SELECT f.idx FROM features f JOIN saes s ON s.id = f.sae_id WHERE s.name = %s "
+            "ORDER BY f.density DESC LIMIT %s", ("demo", features))]
+        fes = [load_feature_examples(conn, "demo", i) for i in idxs]
+    for ex, scores in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
+        score = next((s.value for s in scores if s.scorer == "embedding"), None)
+        typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
+                   f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
+    typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
 
 
 def main() -> None:

@@ -60,6 +60,14 @@ class LocalLLM:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
+    def client(self, **kw):
+        """An OpenAI-protocol client for this server; llama.cpp takes a GBNF grammar, so the simulator's answer
+        shape is enforced."""
+        from .llm import OpenAIClient
+
+        return OpenAIClient(model="local", base_url=self.url, api_key="local", spec="openai:local", grammar_ok=True,
+                            **kw)
+
     def start(self) -> "LocalLLM":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
