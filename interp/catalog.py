@@ -1,10 +1,10 @@
 """The catalog in Postgres: write a harvest (COPY into staging, one swap transaction) and read features back.
 
 A harvest is bulk-loaded with binary COPY into session-temporary staging tables (a chunk of features at a
-time, so memory stays that of the harvest state plus one chunk), then one transaction
-deletes the SAE's previous rows (if --replace), inserts the SAE row and copies staging into the real
-tables. Readers therefore see the previous complete state or the new one, never a mix, and a process
-killed before that commit leaves nothing behind (its temp tables die with its session).
+time, so memory stays that of the harvest state plus one chunk), then one transaction deletes the SAE's
+previous rows (if --replace), inserts the SAE row and copies staging into the real tables. Readers therefore
+see the previous complete state or the new one, never a mix, and a process killed before that commit leaves
+nothing behind (its temp tables die with its session).
 """
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def feature_blocks(res: HarvestResult, block: int = 262144):
     for a in range(0, res.n_features, block):
         b = min(a + block, res.n_features)
         m = b - a
-        cols = [Col(">i4", np.arange(a, b) + res.offset), Col(">f4", res.density[a:b]), Col(">i8", res.n_fired[a:b]),
-                Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
+        cols = [Col(">i4", np.arange(a, b) + res.offset), Col(">f4", res.density[a:b]),
+                Col(">i8", res.n_fired[a:b]), Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
                 Col(">i4", res.hist[a:b].ravel(), np.full(m, nb)), Col(">f4", res.hist_max[a:b])]
         if lg is not None:
             n = np.full(m, lg.top_ids.shape[1])
@@ -168,8 +168,9 @@ def _copy(cur, table: str, blocks) -> None:
         cp.write(pgbinary.TRAILER)
 
 
-def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta, res: HarvestResult | Iterable[HarvestResult], *,
-                  tokenizer: str | None = None, harvest_info: dict | None = None, replace: bool = False) -> dict:
+def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
+                  res: HarvestResult | Iterable[HarvestResult], *, tokenizer: str | None = None,
+                  harvest_info: dict | None = None, replace: bool = False) -> dict:
     """Loads a harvest and makes it visible atomically; returns row counts. `res` is a HarvestResult or
     consecutive chunks of one (HarvestState.result_chunks): each chunk is copied into staging and dropped
     before the next is made, so only one chunk's result is ever in memory."""
