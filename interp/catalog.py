@@ -1,13 +1,15 @@
 """The catalog in Postgres: write a harvest (COPY into staging, one swap transaction) and read features back.
 
-A harvest is bulk-loaded with binary COPY into session-temporary staging tables, then one transaction
-deletes the SAE's previous rows (if --replace), inserts the SAE row and copies staging into the real
-tables. Readers therefore see the previous complete state or the new one, never a mix, and a process
-killed before that commit leaves nothing behind (its temp tables die with its session).
+A harvest is bulk-loaded with binary COPY into session-temporary staging tables (a chunk of features at a
+time, so memory stays that of the harvest state plus one chunk), then one transaction deletes the SAE's
+previous rows (if --replace), inserts the SAE row and copies staging into the real tables. Readers therefore
+see the previous complete state or the new one, never a mix, and a process killed before that commit leaves
+nothing behind (its temp tables die with its session).
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,8 +139,8 @@ def feature_blocks(res: HarvestResult, block: int = 262144):
     for a in range(0, res.n_features, block):
         b = min(a + block, res.n_features)
         m = b - a
-        cols = [Col(">i4", np.arange(a, b)), Col(">f4", res.density[a:b]), Col(">i8", res.n_fired[a:b]),
-                Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
+        cols = [Col(">i4", np.arange(a, b) + res.offset), Col(">f4", res.density[a:b]),
+                Col(">i8", res.n_fired[a:b]), Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
                 Col(">i4", res.hist[a:b].ravel(), np.full(m, nb)), Col(">f4", res.hist_max[a:b])]
         if lg is not None:
             n = np.full(m, lg.top_ids.shape[1])
@@ -149,8 +151,8 @@ def feature_blocks(res: HarvestResult, block: int = 262144):
         yield pgbinary.rows(cols, m)
 
 
-def context_blocks(res: HarvestResult, block: int = 65536):
-    ids = sorted(res.contexts)
+def context_blocks(res: HarvestResult, block: int = 65536, skip: set[int] = frozenset()):
+    ids = sorted(set(res.contexts) - skip)
     for a in range(0, len(ids), block):
         part = ids[a:a + block]
         toks = [res.contexts[c] for c in part]
@@ -166,18 +168,30 @@ def _copy(cur, table: str, blocks) -> None:
         cp.write(pgbinary.TRAILER)
 
 
-def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta, res: HarvestResult, *,
-                  tokenizer: str | None = None, harvest_info: dict | None = None, replace: bool = False) -> dict:
-    """Loads a harvest and makes it visible atomically; returns row counts."""
+def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
+                  res: HarvestResult | Iterable[HarvestResult], *, tokenizer: str | None = None,
+                  harvest_info: dict | None = None, replace: bool = False) -> dict:
+    """Loads a harvest and makes it visible atomically; returns row counts. `res` is a HarvestResult or
+    consecutive chunks of one (HarvestState.result_chunks): each chunk is copied into staging and dropped
+    before the next is made, so only one chunk's result is ever in memory."""
     if sae_id(conn, name) is not None and not replace:
         raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+    chunks = [res] if isinstance(res, HarvestResult) else res
+    n = {"features": 0, "examples": 0, "example_rows": 0, "contexts": 0}
+    seen: set[int] = set()   # contexts already staged: chunks share contexts, a context is stored once
     with conn.transaction():
         conn.execute(_STAGING)
         cur = conn.cursor()
-        _copy(cur, "stage_features", feature_blocks(res))
-        _copy(cur, "stage_contexts", context_blocks(res))
-        _copy(cur, "stage_examples", example_blocks(res))
-        n_rows = len(example_groups(res)[0]) if len(res.examples) else 0
+        for part in chunks:
+            _copy(cur, "stage_features", feature_blocks(part))
+            _copy(cur, "stage_contexts", context_blocks(part, skip=seen))
+            _copy(cur, "stage_examples", example_blocks(part))
+            seen.update(part.contexts)
+            n["features"] += part.n_features
+            n["examples"] += len(part.examples)
+            n["example_rows"] += len(example_groups(part)[0]) if len(part.examples) else 0
+            del part   # the generator makes the next chunk while this reference would still hold the last
+        n["contexts"] = len(seen)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
         old = sae_id(conn, name)
@@ -194,8 +208,7 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta, res: Harve
         conn.execute("INSERT INTO contexts SELECT %s, * FROM stage_contexts", (sid,))
         conn.execute("INSERT INTO examples SELECT %s, * FROM stage_examples", (sid,))
         conn.execute("TRUNCATE stage_features, stage_contexts, stage_examples")
-    return {"sae_id": sid, "features": res.n_features, "examples": len(res.examples), "example_rows": n_rows,
-            "contexts": len(res.contexts)}
+    return {"sae_id": sid, **n}
 
 
 # ---------------------------------------------------------------- reading
@@ -330,7 +343,6 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
         W_U = hm.model.get_output_embeddings().weight
         if W_U.shape[1] == c.d_in:
             logits = logit_tokens(sae.W_dec.detach(), W_U.detach(), cfg.n_logits)
-    res = state.result(logits)
     vocab = tokenizer_vocab(hm.tokenizer)
     key = vocab_key(c.model, vocab)
     store_vocab(conn, key, vocab)
@@ -340,14 +352,15 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
         metrics = {}
     meta = SAEMeta(model=c.model, layer=c.layer, site=c.site, d_in=c.d_in, n_features=c.n_latents, arch=c.arch,
                    k=c.k, path=str(Path(sae_path).resolve()), metrics=metrics if isinstance(metrics, dict) else {})
-    info = {"corpus": corpus, "tokens": res.n_tokens, "ctx": ctx, "ctx_len": ctx_len, "top": top, "shards": n,
+    info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": ctx, "ctx_len": ctx_len, "top": top, "shards": n,
             "seed": cfg.seed}
-    out = write_harvest(conn, name, meta, res, tokenizer=key, harvest_info=info, replace=replace)
+    out = write_harvest(conn, name, meta, state.result_chunks(logits), tokenizer=key, harvest_info=info,
+                        replace=replace)
     conn.close()
     if n > 1:  # merged and written: stale partial states must not leak into a later sharded run
         for j in range(n):
             _shard_file(folder, j, n).unlink(missing_ok=True)
-    return {"features": out["features"], "examples": out["examples"], "tokens": res.n_tokens,
+    return {"features": out["features"], "examples": out["examples"], "tokens": state.n_tokens,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -131,25 +131,31 @@ class _Bank:
     def flush(self, chunk: int = 16384) -> None:
         if not self.buf:
             return
-        f, prim, key, val, scale, win = (torch.cat(x) for x in zip(*self.buf))
+        # joined column by column, each column's pieces dropped once joined, and read through `order` rather
+        # than permuted: the buffer is never held twice, only once plus its largest column
+        cols = [list(c) for c in zip(*self.buf)]
         self.buf, self.buf_size = [], 0
+        for j in range(len(cols)):
+            cols[j] = torch.cat(cols[j])
+        f, prim, key, val, scale, win = cols
+        del cols
         order = torch.sort(f, stable=True).indices
-        f, prim, key, val, scale, win = f[order], prim[order], key[order], val[order], scale[order], win[order]
-        del order
+        f = f[order]
         # feature rows a chunk at a time, so the merge's temporaries stay small next to the state
         edges = torch.searchsorted(f, torch.arange(0, self.n + chunk, chunk, device=f.device)).tolist()
         for c, lo in enumerate(range(0, self.n, chunk)):
             a, b = edges[c], edges[c + 1]
             if a == b:
                 continue
+            i = order[a:b]
             hi = min(lo + chunk, self.n)
             valid = self.key[lo:hi] >= 0
             seg = torch.cat([valid.nonzero()[:, 0] + lo, f[a:b]])
-            P = torch.cat([self.prim[lo:hi][valid], prim[a:b]])
-            K = torch.cat([self.key[lo:hi][valid], key[a:b]])
-            V = torch.cat([self.val[lo:hi][valid], val[a:b]])
-            S = torch.cat([self.scale[lo:hi][valid], scale[a:b]])
-            W = torch.cat([self.win[lo:hi][valid], win[a:b]])
+            P = torch.cat([self.prim[lo:hi][valid], prim[i]])
+            K = torch.cat([self.key[lo:hi][valid], key[i]])
+            V = torch.cat([self.val[lo:hi][valid], val[i]])
+            S = torch.cat([self.scale[lo:hi][valid], scale[i]])
+            W = torch.cat([self.win[lo:hi][valid], win[i]])
             ordr, rank = _lexrank(seg, P, K)
             sel, r = ordr[rank < self.cap], rank[rank < self.cap]
             fs = seg[sel]
@@ -280,8 +286,14 @@ class HarvestState:
     def referenced(self) -> set[int]:
         self.top.flush()
         self.res.flush()
-        keys = torch.cat([self.top.key[self.top.key >= 0], self.res.key[self.res.key >= 0]])
-        return set((torch.unique(keys // self.L)).tolist()) | set(self.pool)
+        ref = set(self.pool)
+        # a chunk of feature rows at a time: all rows' keys at once (and unique's copies of them) would be a
+        # transient several times the size of the banks' keys, the largest of the whole streaming phase
+        for lo in range(0, self.n, 16384):
+            for b in (self.top, self.res):
+                k = b.key[lo:lo + 16384]
+                ref.update(torch.unique(k[k >= 0] // self.L).tolist())
+        return ref
 
     def _prune(self) -> None:
         ref = self.referenced()
@@ -323,28 +335,40 @@ class HarvestState:
         return st
 
     # ---------------------------------------------------------------- the result
-    @torch.no_grad()
     def result(self, logits: "LogitTokens | None" = None) -> "HarvestResult":
+        """The whole result in memory: fine for small SAEs and tests; write_harvest takes result_chunks."""
+        return next(self.result_chunks(logits, chunk=max(self.n, 1)))
+
+    def result_chunks(self, logits: "LogitTokens | None" = None, chunk: int = 16384) -> Iterator["HarvestResult"]:
+        """The result as consecutive feature ranges, each finalised only when asked for: finalising and
+        writing a chunk at a time keeps the result's arrays from ever existing for all features at once, so
+        peak memory is the state plus one chunk's examples. Concatenated they are exactly result()."""
         if self.n_tokens == 0:
             raise InputError("the harvest saw no tokens; give a larger --tokens or a non-empty corpus")
-        cfg, L, w = self.cfg, self.L, self.width
-        top, res = self.top, self.res
-        top.flush()
-        res.flush()
-        n_fired = self.n_fired.cpu()
-        max_act = top.val[:, 0].cpu()
-        mean = (self.sumq.double() / SUM_SCALE / self.n_fired.clamp_min(1)).float().cpu()
-        parts = [self._top_examples(), self._quantile_examples(), self._random_examples()]
+        self.top.flush()
+        self.res.flush()
+        return (self._finalise(lo, min(lo + chunk, self.n), logits) for lo in range(0, self.n, chunk))
+
+    @torch.no_grad()
+    def _finalise(self, lo: int, hi: int, logits: "LogitTokens | None") -> "HarvestResult":
+        """Features [lo, hi)."""
+        n_fired = self.n_fired[lo:hi].cpu()
+        max_act = self.top.val[lo:hi, 0].cpu()
+        mean = (self.sumq[lo:hi].double() / SUM_SCALE / self.n_fired[lo:hi].clamp_min(1)).float().cpu()
+        parts = [self._top_examples(lo, hi), self._quantile_examples(lo, hi), self._random_examples(lo, hi)]
         ex = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        del parts
         order = np.lexsort((ex["rank"], ex["split"], ex["kind"], ex["feature"]))
         ex = {k: v[order] for k, v in ex.items()}
-        ctx_needed = set(np.unique(ex["ctx"]).tolist())
-        contexts = {c: self.contexts[c].numpy() for c in sorted(ctx_needed)}
+        contexts = {c: self.contexts[c].numpy() for c in np.unique(ex["ctx"]).tolist()}
+        if logits is not None:
+            logits = LogitTokens(*(getattr(logits, k)[lo:hi] for k in LogitTokens.__dataclass_fields__))
         return HarvestResult(
-            n_tokens=self.n_tokens, ctx_len=L, width=w, density=(n_fired.double() / self.n_tokens).float().numpy(),
-            n_fired=n_fired.numpy(), max_act=max_act.numpy(), mean_act=mean.numpy(), hist=self.hist.cpu().numpy(),
-            hist_max=self.hist_hi.cpu().numpy(), examples=Examples(**{k: v for k, v in ex.items() if k != "rank"}),
-            contexts=contexts, logits=logits)
+            n_tokens=self.n_tokens, ctx_len=self.L, width=self.width,
+            density=(n_fired.double() / self.n_tokens).float().numpy(), n_fired=n_fired.numpy(),
+            max_act=max_act.numpy(), mean_act=mean.numpy(), hist=self.hist[lo:hi].cpu().numpy(),
+            hist_max=self.hist_hi[lo:hi].cpu().numpy(), contexts=contexts, logits=logits, offset=lo,
+            examples=Examples(**{k: v for k, v in ex.items() if k != "rank"}))
 
     def _rows(self, f, key, kind, split, rank, qbin, win, scale):
         L, w = self.L, self.width
@@ -357,16 +381,17 @@ class HarvestState:
                     max_pos=(pos - start).cpu().numpy().astype(np.int16), qbin=qbin.cpu().numpy().astype(np.int16),
                     scale=scale.cpu().numpy().astype(np.float32), acts=win.cpu().numpy())
 
-    def _top_examples(self):
+    def _top_examples(self, lo, hi):
         t = self.top
-        f, r = (t.key >= 0).nonzero(as_tuple=True)
+        f, r = (t.key[lo:hi] >= 0).nonzero(as_tuple=True)
+        f += lo
         return self._rows(f, t.key[f, r], 0, r % 2, r, torch.full_like(r, -1), t.win[f, r], t.scale[f, r])
 
-    def _quantile_examples(self):
+    def _quantile_examples(self, f_lo, f_hi):
         cfg, L = self.cfg, self.L
         out = []
-        for lo in range(0, self.n, 16384):
-            sl = slice(lo, min(lo + 16384, self.n))
+        for lo in range(f_lo, f_hi, 16384):
+            sl = slice(lo, min(lo + 16384, f_hi))
             f0 = torch.arange(sl.start, sl.stop, device=self.device)
             tk, rk = self.top.key[sl], self.res.key[sl]
             key = torch.cat([rk, tk], 1)
@@ -405,14 +430,14 @@ class HarvestState:
                                   b, win, scale))
         return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
-    def _random_examples(self):
+    def _random_examples(self, f_lo, f_hi):
         cfg, L, w = self.cfg, self.L, self.width
         pool = sorted(self.pool, key=lambda c: (self.pool[c][0], c))
         n_pick = min(cfg.n_random, len(pool))
         pctx = torch.tensor(pool, dtype=torch.long, device=self.device)
         out = []
-        for lo in range(0, self.n, 65536):
-            hi = min(lo + 65536, self.n)
+        for lo in range(f_lo, f_hi, 65536):
+            hi = min(lo + 65536, f_hi)
             fired = torch.zeros((hi - lo, len(pool)), dtype=torch.bool, device=self.device)
             for j, c in enumerate(pool):
                 fs = self.pool[c][1].to(self.device)
@@ -471,11 +496,12 @@ class HarvestResult:
     examples: Examples
     contexts: dict[int, np.ndarray]
     logits: LogitTokens | None = None
+    offset: int = 0          # a chunk of result_chunks: its arrays are features offset, offset + 1, ...
     bounds: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        # examples of feature i are rows bounds[i]:bounds[i+1]
-        self.bounds = np.searchsorted(self.examples.feature, np.arange(len(self.density) + 1))
+        # examples of feature offset + i are rows bounds[i]:bounds[i+1]
+        self.bounds = np.searchsorted(self.examples.feature, np.arange(len(self.density) + 1) + self.offset)
 
     @property
     def n_features(self) -> int:
@@ -486,15 +512,15 @@ class HarvestResult:
 
         ex, w = self.examples, self.width
         out = []
-        for j in range(self.bounds[i], self.bounds[i + 1]):
+        for j in range(self.bounds[i - self.offset], self.bounds[i - self.offset + 1]):
             s = int(ex.start[j])
             ids = self.contexts[int(ex.ctx[j])][s:s + w].tolist()
             acts = (ex.acts[j].astype(np.float32) / 255 * ex.scale[j]).tolist()
             out.append(Example(token_ids=ids, acts=acts, kind=KINDS[ex.kind[j]], split=SPLITS[ex.split[j]],
                                quantile_bin=int(ex.qbin[j]) if ex.qbin[j] >= 0 else None,
                                tokens=decode(ids) if decode else None))
-        return FeatureExamples(sae=sae, index=i, examples=out, max_act=float(self.max_act[i]),
-                               density=float(self.density[i]))
+        return FeatureExamples(sae=sae, index=i, examples=out, max_act=float(self.max_act[i - self.offset]),
+                               density=float(self.density[i - self.offset]))
 
 
 @torch.no_grad()

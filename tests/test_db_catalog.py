@@ -187,6 +187,23 @@ def test_existing_name_needs_replace_and_replace_swaps_everything(conn, names, h
     assert conn.execute("SELECT count(*) FROM features WHERE sae_id = %s", (second["sae_id"],)).fetchone()[0] == 128
 
 
+def test_writing_in_feature_chunks_equals_writing_the_whole_result(conn, names, sae_dir):
+    from sae.formats import load_sae
+
+    sae = load_sae(sae_dir)
+    hm = hooked("minilm", 1, "resid", "cpu")
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+                    progress=False)
+    whole, chunked = names(), names()
+    a = _write(conn, whole, sae, hm, state.result())
+    b = _write(conn, chunked, sae, hm, state.result_chunks(chunk=20))   # 7 chunks, sharing contexts
+    assert {k: v for k, v in a.items() if k != "sae_id"} == {k: v for k, v in b.items() if k != "sae_id"}
+    assert catalog_rows(conn, chunked) == catalog_rows(conn, whole)
+    ctxs = lambda sid: conn.execute("SELECT ctx, token_ids FROM contexts WHERE sae_id = %s ORDER BY ctx",
+                                    (sid,)).fetchall()
+    assert ctxs(b["sae_id"]) == ctxs(a["sae_id"])
+
+
 # ---------------------------------------------------------------- the CLI
 def test_cli_harvest_json_feature_view_and_name_clash(conn, names, sae_dir, cli):
     name = names()

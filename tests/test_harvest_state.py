@@ -194,3 +194,15 @@ def test_flushing_feature_rows_in_chunks_changes_nothing(full, monkeypatch):
     chunked = run(range(24)).result()
     for k in full.examples.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(chunked.examples, k), getattr(full.examples, k), err_msg=k)
+
+
+def test_result_chunks_concatenate_to_the_result(full):
+    parts = list(run(range(24)).result_chunks(chunk=7))
+    assert [p.offset for p in parts] == list(range(0, F, 7))
+    for k in ("density", "n_fired", "max_act", "mean_act", "hist", "hist_max"):
+        np.testing.assert_array_equal(np.concatenate([getattr(p, k) for p in parts]), getattr(full, k), err_msg=k)
+    for k in full.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(np.concatenate([getattr(p.examples, k) for p in parts]),
+                                      getattr(full.examples, k), err_msg=k)
+    assert set().union(*(p.contexts for p in parts)) == full.contexts.keys()
+    assert parts[3].feature_examples(22) == full.feature_examples(22)
