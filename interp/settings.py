@@ -10,7 +10,6 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://127.0.0.1:5432/test"
     celery_broker_url: str = "redis://127.0.0.1:6379/0"
-    redis_url: str = "redis://127.0.0.1:6379/1"
 
     # OpenAI-compatible endpoint. The key is a SecretStr so it never prints in reprs or logs.
     openai_base_url: str | None = None
@@ -18,8 +17,6 @@ class Settings(BaseSettings):
     llm_concurrency: int = 8
     llm_timeout_s: float = 60.0
     llm_max_retries: int = 5
-    # requests per minute across all workers (shared Redis token bucket); 0 = unlimited
-    llm_rpm: int = 0
 
     local_llm_host: str = "127.0.0.1"
     local_llm_port: int = 8088

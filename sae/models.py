@@ -129,10 +129,6 @@ def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
     return _output_projection(mod)
 
 
-def n_layers(model: nn.Module) -> int:
-    return len(find_blocks(model))
-
-
 def content_mask(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
     """[batch, seq] bool, False where a context opens with the tokenizer's CLS/BOS token: its activation is
     an outlier (often 10-100x the norm of the rest) that training and evaluation both leave out."""
