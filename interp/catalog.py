@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
+import torch
 from psycopg.types.json import Jsonb
 
 from interp import pgbinary
@@ -35,6 +36,18 @@ class SAEMeta:
     k: int | None = None
     path: str | None = None
     metrics: dict = field(default_factory=dict)
+    weights_sha: str | None = None
+
+
+def weights_sha(sae) -> str:
+    """sha256 over the loaded module's tensors: loaders normalise names and dtypes, so the same weights hash
+    alike whichever format they were read from."""
+    h = hashlib.sha256()
+    for key, t in sorted(sae.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def sae_id(conn: psycopg.Connection, name: str) -> int | None:
@@ -192,23 +205,35 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
             n["example_rows"] += len(example_groups(part)[0]) if len(part.examples) else 0
             del part   # the generator makes the next chunk while this reference would still hold the last
         n["contexts"] = len(seen)
+    row = (meta.model, meta.layer, meta.site, meta.d_in, meta.n_features, meta.arch, meta.k, tokenizer,
+           Jsonb(meta.metrics), Jsonb(harvest_info or {}), meta.path, meta.weights_sha)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
-        old = sae_id(conn, name)
-        if old is not None:
-            if not replace:
-                raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
-            conn.execute("DELETE FROM saes WHERE id = %s", (old,))
-        sid = conn.execute(
-            "INSERT INTO saes (name, model, layer, site, d_in, n_features, arch, k, tokenizer, metrics, harvest, path)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (name, meta.model, meta.layer, meta.site, meta.d_in, meta.n_features, meta.arch, meta.k, tokenizer,
-             Jsonb(meta.metrics), Jsonb(harvest_info or {}), meta.path)).fetchone()[0]
+        old = conn.execute("SELECT id, weights_sha FROM saes WHERE name = %s", (name,)).fetchone()
+        if old is not None and not replace:
+            raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+        if old is not None and meta.weights_sha is not None and old[1] == meta.weights_sha:
+            # the same weights: labels (and jobs) still describe these features, so the row and they stay
+            sid = old[0]
+            conn.execute("UPDATE saes SET model = %s, layer = %s, site = %s, d_in = %s, n_features = %s, arch = %s,"
+                         " k = %s, tokenizer = %s, metrics = %s, harvest = %s, path = %s, weights_sha = %s"
+                         " WHERE id = %s", (*row, sid))
+            for table in ("features", "contexts", "examples"):
+                conn.execute(f"DELETE FROM {table} WHERE sae_id = %s", (sid,))
+            kept = conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sid,)).fetchone()[0]
+        else:
+            if old is not None:  # other weights: their labels describe other features and cascade away
+                conn.execute("DELETE FROM saes WHERE id = %s", (old[0],))
+            sid = conn.execute(
+                "INSERT INTO saes (name, model, layer, site, d_in, n_features, arch, k, tokenizer, metrics, harvest,"
+                " path, weights_sha) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (name, *row)).fetchone()[0]
+            kept = 0
         conn.execute("INSERT INTO features SELECT %s, * FROM stage_features", (sid,))
         conn.execute("INSERT INTO contexts SELECT %s, * FROM stage_contexts", (sid,))
         conn.execute("INSERT INTO examples SELECT %s, * FROM stage_examples", (sid,))
         conn.execute("TRUNCATE stage_features, stage_contexts, stage_examples")
-    return {"sae_id": sid, **n}
+    return {"sae_id": sid, **n, "labels_kept": kept}
 
 
 # ---------------------------------------------------------------- reading
@@ -292,13 +317,13 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
                        url: str | None = None) -> dict:
     """Harvests an SAE directory over a corpus into the catalog as NAME; returns the --json summary.
 
-    With --shard i/n the shard's partial state goes to state_dir; the shard that finds all n states there
-    merges them (exactly the unsharded result) and writes the catalog."""
+    With --shard i/n the shard's partial state goes to state_dir. Each shard then takes a session advisory
+    lock on NAME and looks again: the one that finds all n states merges them (exactly the unsharded result),
+    writes the catalog and deletes the states before letting go; a shard that finds its own state gone was
+    merged by another, and one that finds states missing waits for their shards."""
     import os
     import time
     from pathlib import Path
-
-    import torch
 
     from interp.db import connect, migrate
     from sae.formats import load_sae, read_cfg
@@ -312,56 +337,65 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
     if ctx > ctx_len:
         raise InputError(f"--ctx {ctx} is longer than the harvest contexts (--ctx-len {ctx_len}); give --ctx <= --ctx-len")
     conn = connect(url)  # before the model loads: a missing database fails in a second, naming its URL
-    migrate(conn)
-    if sae_id(conn, name) is not None and not replace:
-        raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
-    sae = load_sae(sae_path, "cpu").eval()
-    c = sae.cfg
-    if not c.model:
-        raise InputError(f"the SAE in {sae_path} does not say which model it reads; its cfg.json needs model/layer/site")
-    hm = hooked(c.model, c.layer, c.site, device)
-    sae = sae.to(hm.device)
-    cfg = HarvestConfig(top_k=top, ctx=ctx)
-    state = harvest(hm, sae, corpus, tokens, cfg, ctx_len=ctx_len, batch_size=batch_size, shard=(i, n),
-                    progress=progress)
-    if n > 1:
-        folder = Path(state_dir or f"runs/harvest-{name}")
-        folder.mkdir(parents=True, exist_ok=True)
-        target = _shard_file(folder, i, n)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        state.save(tmp)
-        os.replace(tmp, target)  # a shard file is either complete or absent
-        missing = [j for j in range(n) if not _shard_file(folder, j, n).exists()]
-        if missing:
-            return {"features": c.n_latents, "examples": 0, "tokens": state.n_tokens, "seconds":
-                    round(time.perf_counter() - t0, 2), "shard": f"{i}/{n}", "waiting_for": missing}
-        for j in range(n):
-            if j != i:
-                state.merge(HarvestState.load(_shard_file(folder, j, n)))
-    logits = None
-    if is_causal(hm.model):
-        W_U = hm.model.get_output_embeddings().weight
-        if W_U.shape[1] == c.d_in:
-            logits = logit_tokens(sae.W_dec.detach(), W_U.detach(), cfg.n_logits)
-    vocab = tokenizer_vocab(hm.tokenizer)
-    key = vocab_key(c.model, vocab)
-    store_vocab(conn, key, vocab)
-    try:
-        metrics = read_cfg(sae_path).get("metrics") or {}
-    except Exception:  # noqa: BLE001 - metrics are optional decoration
-        metrics = {}
-    meta = SAEMeta(model=c.model, layer=c.layer, site=c.site, d_in=c.d_in, n_features=c.n_latents, arch=c.arch,
-                   k=c.k, path=str(Path(sae_path).resolve()), metrics=metrics if isinstance(metrics, dict) else {})
-    info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": ctx, "ctx_len": ctx_len, "top": top, "shards": n,
-            "seed": cfg.seed}
-    out = write_harvest(conn, name, meta, state.result_chunks(logits), tokenizer=key, harvest_info=info,
-                        replace=replace)
-    conn.close()
-    if n > 1:  # merged and written: stale partial states must not leak into a later sharded run
-        for j in range(n):
-            _shard_file(folder, j, n).unlink(missing_ok=True)
-    return {"features": out["features"], "examples": out["examples"], "tokens": state.n_tokens,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    try:  # closing the connection also releases the shards' merge lock, however this ends
+        migrate(conn)
+        if sae_id(conn, name) is not None and not replace:
+            raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+        sae = load_sae(sae_path, "cpu").eval()
+        sha = weights_sha(sae)
+        c = sae.cfg
+        if not c.model:
+            raise InputError(f"the SAE in {sae_path} does not say which model it reads; its cfg.json needs model/layer/site")
+        hm = hooked(c.model, c.layer, c.site, device)
+        sae = sae.to(hm.device)
+        cfg = HarvestConfig(top_k=top, ctx=ctx)
+        state = harvest(hm, sae, corpus, tokens, cfg, ctx_len=ctx_len, batch_size=batch_size, shard=(i, n),
+                        progress=progress)
+        if n > 1:
+            folder = Path(state_dir or f"runs/harvest-{name}")
+            folder.mkdir(parents=True, exist_ok=True)
+            target = _shard_file(folder, i, n)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            state.save(tmp)
+            os.replace(tmp, target)  # a shard file is either complete or absent
+            # saved before the lock, checked under it: of shards finishing together exactly one merges
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", ("harvest-merge:" + name,))
+            partial = {"features": c.n_latents, "examples": 0, "tokens": state.n_tokens,
+                       "seconds": round(time.perf_counter() - t0, 2), "shard": f"{i}/{n}"}
+            if not target.exists():
+                return {**partial, "merged_by": "another shard"}
+            missing = [j for j in range(n) if not _shard_file(folder, j, n).exists()]
+            if missing:
+                return {**partial, "waiting_for": missing}
+            for j in range(n):
+                if j != i:
+                    state.merge(HarvestState.load(_shard_file(folder, j, n)))
+        logits = None
+        if is_causal(hm.model):
+            W_U = hm.model.get_output_embeddings().weight
+            if W_U.shape[1] == c.d_in:
+                logits = logit_tokens(sae.W_dec.detach(), W_U.detach(), cfg.n_logits)
+        vocab = tokenizer_vocab(hm.tokenizer)
+        key = vocab_key(c.model, vocab)
+        store_vocab(conn, key, vocab)
+        try:
+            metrics = read_cfg(sae_path).get("metrics") or {}
+        except Exception:  # noqa: BLE001 - metrics are optional decoration
+            metrics = {}
+        meta = SAEMeta(model=c.model, layer=c.layer, site=c.site, d_in=c.d_in, n_features=c.n_latents, arch=c.arch,
+                       k=c.k, path=str(Path(sae_path).resolve()), metrics=metrics if isinstance(metrics, dict) else {},
+                       weights_sha=sha)
+        info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": ctx, "ctx_len": ctx_len, "top": top, "shards": n,
+                "seed": cfg.seed}
+        out = write_harvest(conn, name, meta, state.result_chunks(logits), tokenizer=key, harvest_info=info,
+                            replace=replace)
+        if n > 1:  # still under the lock: a shard that looks next finds its state gone, i.e. merged
+            for j in range(n):
+                _shard_file(folder, j, n).unlink(missing_ok=True)
+        return {"features": out["features"], "examples": out["examples"], "tokens": state.n_tokens,
+                "seconds": round(time.perf_counter() - t0, 2), "labels_kept": out["labels_kept"]}
+    finally:
+        conn.close()
 
 
 # ---------------------------------------------------------------- showing a feature
