@@ -1,8 +1,9 @@
 """The catalog in Postgres: write a harvest (COPY into staging, one swap transaction) and read features back.
 
 A harvest is bulk-loaded with binary COPY into session-temporary staging tables (a chunk of features at a
-time, so memory stays that of the harvest state plus one chunk), then one transaction deletes the SAE's
-previous rows (if --replace), inserts the SAE row and copies staging into the real tables. Readers therefore
+time, so memory stays that of the harvest state plus one chunk), then one transaction swaps the SAE's rows
+in. With --replace and the same weights (weights_sha) the SAE row and its labels stay and only features,
+contexts and examples are swapped; other weights drop the old row and, by cascade, its labels. Readers therefore
 see the previous complete state or the new one, never a mix, and a process killed before that commit leaves
 nothing behind (its temp tables die with its session).
 """
@@ -40,9 +41,9 @@ class SAEMeta:
 
 
 def weights_sha(sae) -> str:
-    """sha256 over the loaded module's tensors: loaders normalise names and dtypes, so the same weights hash
-    alike whichever format they were read from."""
-    h = hashlib.sha256()
+    """sha256 over the loaded module's tensors and the settings that change which latents fire (arch, k):
+    loaders normalise names and dtypes, so the same SAE hashes alike whichever format it was read from."""
+    h = hashlib.sha256(f"{sae.cfg.arch}:{sae.cfg.k};".encode())
     for key, t in sorted(sae.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
