@@ -51,20 +51,29 @@ def _field(col: Col, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     return _join([flat_head, elems.view(np.uint8)], [head_len, n * (4 + size)], n_rows)
 
 
-def _join(parts: list[np.ndarray], lengths: list[np.ndarray], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _join(parts: list[np.ndarray], lengths: list[np.ndarray], n_rows: int,
+          chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
     """Interleave ragged parts row by row: row r is part0[r] + part1[r] + ...
-    One slice copy per field: cheaper than a per-byte numpy gather once rows hold a few hundred bytes."""
+    A per-byte gather, `chunk` output bytes at a time so the index stays in cache: about twice as fast as a
+    Python slice copy per field, which at ~11 fields per row is most of the client's share of a load."""
     lens = np.stack([np.broadcast_to(np.asarray(x, np.int64), (n_rows,)) for x in lengths], 1)
     per_row = lens.sum(1)
-    out = bytearray(int(per_row.sum()))
-    src = np.concatenate([np.zeros((1, len(parts)), np.int64), np.cumsum(lens, 0)[:-1]], 0)
-    dst = np.cumsum(np.concatenate([[0], lens.ravel()]))[:-1].reshape(n_rows, len(parts))
-    view = memoryview(out)
-    for p, part in enumerate(parts):
-        mv = memoryview(np.ascontiguousarray(part, np.uint8))
-        for d, s, n in zip(dst[:, p].tolist(), src[:, p].tolist(), lens[:, p].tolist()):
-            view[d:d + n] = mv[s:s + n]
-    return np.frombuffer(out, np.uint8), per_row
+    flat = [np.ascontiguousarray(part, np.uint8).ravel() for part in parts]
+    base = np.cumsum([0] + [f.size for f in flat])[:-1]
+    src = np.concatenate([np.zeros((1, len(parts)), np.int64), np.cumsum(lens, 0)[:-1]], 0) + base
+    source = np.concatenate(flat)
+    seg_len, seg_src = lens.ravel(), src.ravel()          # segments in output order: row-major (row, part)
+    seg_dst = np.concatenate([[0], np.cumsum(seg_len)])
+    out = np.empty(int(seg_dst[-1]), np.uint8)
+    # segments are cut at chunk boundaries only between segments: a chunk ends where a segment ends
+    cuts = np.searchsorted(seg_dst, np.arange(chunk, seg_dst[-1], chunk), side="right") - 1
+    for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [seg_len.size]]).tolist()):
+        if a >= b:
+            continue
+        d0, d1 = int(seg_dst[a]), int(seg_dst[b])
+        idx = np.repeat(seg_src[a:b] - (seg_dst[a:b] - d0), seg_len[a:b]) + np.arange(d1 - d0)
+        out[d0:d1] = source[idx]
+    return out, per_row
 
 
 def rows(cols: list[Col], n_rows: int) -> bytes:
