@@ -196,6 +196,33 @@ class TopKSAE(SparseAutoencoder):
         return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
 
 
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_batch_topk(flat: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the top (k x global batch) entries across all data-parallel ranks: selecting per
+    rank would let a rank of quiet tokens take as many latents as a rank of busy ones."""
+    dist = torch.distributed
+    n = torch.tensor([n_local, flat.numel()], device=flat.device)
+    dist.all_reduce(n)
+    n_sel = int(n[0])
+    # only a rank's own top n_sel can be among the global top n_sel; pad to one size for all_gather
+    c = min(n_sel, flat.numel())
+    cand = flat.topk(c, sorted=False).values
+    size = torch.tensor([c], device=flat.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    padded = torch.full((int(size),), -1.0, dtype=flat.dtype, device=flat.device)
+    padded[:c] = cand
+    gathered = [torch.empty_like(padded) for _ in range(_world())]
+    dist.all_gather(gathered, padded)
+    tau = torch.cat(gathered).topk(min(n_sel, int(n[1])), sorted=False).values.min()
+    # entries at 0 add nothing (acts are relu'd), so a threshold of 0 selects only the positive ones
+    flat_idx = (flat >= tau).nonzero().squeeze(1) if tau > 0 else (flat > 0).nonzero().squeeze(1)
+    return flat[flat_idx], flat_idx
+
+
 class BatchTopKSAE(TopKSAE):
     """Top k·N activations across the whole batch; at inference a learned float32 threshold."""
     arch = "batchtopk"
@@ -211,11 +238,17 @@ class BatchTopKSAE(TopKSAE):
             flat = on.reshape(-1).nonzero().squeeze(1)
             pattern, _ = flat_pattern(flat, pre.shape[0], pre.shape[1])
             return pre[on], pattern
-        vals, flat_idx = pre.relu().flatten().topk(pre.shape[0] * self.cfg.k, sorted=False)
+        flat = pre.relu().flatten()
+        if _world() > 1:
+            vals, flat_idx = _global_batch_topk(flat, pre.shape[0] * self.cfg.k)
+        else:
+            vals, flat_idx = flat.topk(pre.shape[0] * self.cfg.k, sorted=False)
         # the smallest selected activation, tracked as an EMA in float32 for inference
         pos = vals > 0
-        if bool(pos.any()):
-            lo = vals[pos].min().float()
+        lo = vals[pos].min().float() if bool(pos.any()) else torch.tensor(math.inf, device=pre.device)
+        if _world() > 1:  # every rank tracks the same, global, threshold
+            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        if math.isfinite(float(lo)):
             if bool(self.threshold_initialised):
                 self.threshold.mul_(0.99).add_(0.01 * lo)
             else:
