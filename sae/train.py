@@ -329,6 +329,7 @@ def train(cfg: TrainConfig) -> dict:
         scale = math.sqrt(hm.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
         with torch.no_grad():
             sae.b_dec.copy_(geometric_median(sample * scale))
+        sae.calibrate(sample * scale)
         if rank == 0 and out.exists():
             # a fresh run replaces an earlier one here: it must not look finished while this one runs
             for name in ("cfg.json", "sae.safetensors", f"{CKPT_DIR}/{CKPT_FILE}"):

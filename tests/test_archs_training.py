@@ -62,3 +62,17 @@ def test_fold_input_scale(arch):
     got = sae(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_jumprelu_calibration_starts_l0_at_k_and_the_penalty_pulls_toward_k():
+    torch.manual_seed(0)
+    sae = build(SAEConfig(d_in=16, n_latents=64, arch="jumprelu", k=4))
+    x = sparse_data(n=512)
+    sae.b_dec.data = x.mean(0)
+    l0 = lambda: float((sae.pre_acts(x) > sae.threshold).float().sum(-1).mean())
+    assert l0() > 16            # the fixed initial threshold fires on far more than k latents
+    sae.calibrate(x)
+    assert abs(l0() - 4) < 0.5
+    pre = sae.pre_acts(x)
+    loss_at = lambda shift: float(sae.sparsity_loss(pre + shift, None, None))
+    assert loss_at(0.0) < 0.05 < min(loss_at(-10.0), loss_at(10.0))   # too few and too many both cost
