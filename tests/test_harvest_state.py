@@ -206,3 +206,14 @@ def test_result_chunks_concatenate_to_the_result(full):
                                       getattr(full.examples, k), err_msg=k)
     assert set().union(*(p.contexts for p in parts)) == full.contexts.keys()
     assert parts[3].feature_examples(22) == full.feature_examples(22)
+
+
+def test_flushing_after_every_batch_changes_nothing(full):
+    """Merging candidates into rows that already hold entries (a flush per update) gives the one-flush result."""
+    st = HarvestState(F, L, CFG)
+    st.top.flush_at = st.res.flush_at = 1
+    for bi in range(24):
+        st.update(*synthetic_batch(bi))
+    got = st.result()
+    for k in full.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got.examples, k), getattr(full.examples, k), err_msg=k)
