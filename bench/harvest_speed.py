@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
@@ -70,33 +69,21 @@ def main() -> None:
         if args.gpu:
             torch.cuda.synchronize()
 
-    @torch.no_grad()
-    def bare():
-        with autocast:
-            for b in batches:
-                model(input_ids=b, attention_mask=torch.ones_like(b))
-        sync()
+    def stage(per_batch):
+        """A timed side: per_batch over every batch, under the same autocast and sync as the harvest."""
+        @torch.no_grad()
+        def run():
+            with autocast:
+                for b in batches:
+                    per_batch(b)
+            sync()
+        return run
 
-    @torch.no_grad()
-    def stopped():
-        with autocast:
-            for b in batches:
-                hm.activations(b)
-        sync()
-
-    @torch.no_grad()
-    def matmul():  # the dense encoder product alone: a floor for any exact TopK encoding, before the top-k
-        with autocast:
-            for b in batches:
-                sae.pre_acts(hm.activations(b).flatten(0, 1))
-        sync()
-
-    @torch.no_grad()
-    def encode():
-        with autocast:
-            for b in batches:
-                sae.encode_sparse(hm.activations(b).flatten(0, 1))
-        sync()
+    bare = stage(lambda b: model(input_ids=b, attention_mask=torch.ones_like(b)))
+    stopped = stage(hm.activations)
+    # the dense encoder product alone: a floor for any exact TopK encoding, before the top-k
+    matmul = stage(lambda b: sae.pre_acts(hm.activations(b).flatten(0, 1)))
+    encode = stage(lambda b: sae.encode_sparse(hm.activations(b).flatten(0, 1)))
 
     @torch.no_grad()
     def full_harvest():

@@ -51,6 +51,10 @@ def weights_sha(sae) -> str:
     return h.hexdigest()
 
 
+def _name_taken(name: str) -> InputError:
+    return InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+
+
 def sae_id(conn: psycopg.Connection, name: str) -> int | None:
     row = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()
     return row[0] if row else None
@@ -189,7 +193,7 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
     consecutive chunks of one (HarvestState.result_chunks): each chunk is copied into staging and dropped
     before the next is made, so only one chunk's result is ever in memory."""
     if sae_id(conn, name) is not None and not replace:
-        raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+        raise _name_taken(name)
     chunks = [res] if isinstance(res, HarvestResult) else res
     n = {"features": 0, "examples": 0, "example_rows": 0, "contexts": 0}
     seen: set[int] = set()   # contexts already staged: chunks share contexts, a context is stored once
@@ -212,7 +216,7 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
         old = conn.execute("SELECT id, weights_sha FROM saes WHERE name = %s", (name,)).fetchone()
         if old is not None and not replace:
-            raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+            raise _name_taken(name)
         if old is not None and meta.weights_sha is not None and old[1] == meta.weights_sha:
             # the same weights: labels (and jobs) still describe these features, so the row and they stay
             sid = old[0]
@@ -341,7 +345,7 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
     try:  # closing the connection also releases the shards' merge lock, however this ends
         migrate(conn)
         if sae_id(conn, name) is not None and not replace:
-            raise InputError(f"an SAE named {name!r} exists already; pass --replace to re-harvest it")
+            raise _name_taken(name)
         sae = load_sae(sae_path, "cpu").eval()
         sha = weights_sha(sae)
         c = sae.cfg

@@ -335,9 +335,9 @@ class JumpReLUSAE(SparseAutoencoder):
         x = sample.to(self.W_enc.dtype) - self.b_dec
         rank = max(1, min(len(x), round((1 - min(self.cfg.k / self.cfg.n_latents, 1.0)) * len(x))))
         for lo in range(0, self.cfg.n_latents, 16384):  # latents in blocks: [sample, n_latents] can be large
-            pre = F.linear(x, self.W_enc[lo:lo + 16384], self.b_enc[lo:lo + 16384]).float()
-            theta = pre.kthvalue(rank, dim=0).values
-            self.log_threshold[lo:lo + 16384] = theta.clamp_min(self.cfg.jumprelu_init_threshold).log()
+            sl = slice(lo, lo + 16384)
+            theta = F.linear(x, self.W_enc[sl], self.b_enc[sl]).float().kthvalue(rank, dim=0).values
+            self.log_threshold[sl] = theta.clamp_min(self.cfg.jumprelu_init_threshold).log()
 
     def sparsity_loss(self, pre, acts, rms):
         # L0 via the step function, pulled toward the target k from both sides: a plain L0 penalty settles
