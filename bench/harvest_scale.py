@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from interp.catalog import SAEMeta, write_harvest
+from interp.store.harvest import write_harvest
+from interp.store.saes import SAEMeta
 from interp.db import connect, migrate
 from sae.harvest import HarvestConfig, HarvestState
 

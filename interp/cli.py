@@ -137,7 +137,7 @@ def harvest_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog."""
-    from interp.catalog import harvest_to_catalog
+    from interp.harvest_job import harvest_to_catalog
 
     summary = harvest_to_catalog(sae, name, corpus, tokens, ctx=ctx, ctx_len=ctx_len, top=top, shard=shard,
                                  replace=replace, device=device, batch_size=batch_size, state_dir=state_dir,
@@ -156,15 +156,14 @@ def feature_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Show one feature: stats, histogram, snippets with activating tokens marked, labels and scores."""
-    from dataclasses import asdict
-
-    from interp.catalog import feature_view, print_feature
     from interp.db import connect
+    from interp.render import print_feature
+    from interp.store.features import feature_view
 
     with connect() as conn:
         view = feature_view(conn, name, idx)
     if json_out:
-        emit_json(asdict(view))
+        emit_json(view.model_dump())
     else:
         print_feature(view, n)
 
@@ -231,8 +230,10 @@ def demo(
     the Postgres catalog as `demo`, then label and score a few features offline and show them."""
     import asyncio
 
-    from interp.catalog import harvest_to_catalog, load_feature_examples
     from interp.db import connect
+    from interp.harvest_job import harvest_to_catalog
+    from interp.store.features import load_feature_examples
+    from interp.store.saes import densest_features
     from interp.scorers import label_features
     from sae.evaluate import evaluate
     from sae.train import TrainConfig, train
@@ -245,10 +246,7 @@ def demo(
                                  progress=sys.stderr.isatty())
     typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
     with connect() as conn:
-        # the densest features have full example sets even in a short harvest
-        idxs = [r[0] for r in conn.execute(
-            "SELECT f.idx FROM features f JOIN saes s ON s.id = f.sae_id WHERE s.name = %s "
-            "ORDER BY f.density DESC LIMIT %s", ("demo", features))]
+        idxs = densest_features(conn, "demo", features)
         fes = [load_feature_examples(conn, "demo", i) for i in idxs]
     for ex, scores in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
         score = next((s.value for s in scores if s.scorer == "embedding"), None)

@@ -30,12 +30,12 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot reach the database at {_redact(url)}: {first} "
+        raise InputError(f"cannot reach the database at {redact_url(url)}: {first} "
                          "(start Postgres or set DATABASE_URL)") from None
 
 
-def _redact(url: str) -> str:
-    # never print a password that is part of the URL
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***: a URL is printed in errors, the password never is."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
@@ -66,7 +66,3 @@ def migrate(conn: psycopg.Connection, folder: Path = MIGRATIONS) -> list[str]:
             conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
         applied.append(name)
     return applied
-
-
-def ensure_schema(conn: psycopg.Connection) -> None:
-    migrate(conn)

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 import torch
 
-from interp.catalog import feature_view, harvest_to_catalog, weights_sha
+from interp.harvest_job import harvest_to_catalog, weights_sha
+from interp.store.features import feature_view
 from interp.db import connect
 from sae.archs import SAEConfig, build
 from sae.formats import convert, load_sae, save_native
@@ -133,7 +134,7 @@ def test_replace_keeps_labels_of_the_same_weights_and_drops_them_for_new_ones(co
     assert seen[0] == before and seen[-1] == reference and all(s in (before, reference) for s in seen)
     assert _count(conn, "SELECT count(*) FROM scores WHERE explanation_id = ANY(%s)", eids) == 2
     v = feature_view(conn, name, 17)
-    assert [(lab["label"], [s["value"] for s in lab["scores"]]) for lab in v.labels] == [("label of 17", [0.75])]
+    assert [(lab.label, [s.value for s in lab.scores]) for lab in v.labels] == [("label of 17", [0.75])]
 
     torch.manual_seed(1)
     other = save_native(build(SAEConfig(d_in=384, n_latents=128, k=6, model="minilm", layer=1, site="resid")),

@@ -13,7 +13,9 @@ import psycopg
 import pytest
 import torch
 
-from interp.catalog import SAEMeta, load_feature_examples, write_harvest
+from interp.store.features import load_feature_examples
+from interp.store.harvest import write_harvest
+from interp.store.saes import SAEMeta
 from interp.db import connect, migrate, migration_files
 from sae.archs import SAEConfig, build
 from sae.errors import InputError
@@ -141,7 +143,8 @@ def harvested(sae_dir):
 
 
 def _write(conn, name, sae, hm, res, replace=False):
-    from interp.catalog import store_vocab, tokenizer_vocab, vocab_key
+    from interp.harvest_job import tokenizer_vocab
+    from interp.store.vocab import store_vocab, vocab_key
 
     vocab = tokenizer_vocab(hm.tokenizer)
     key = vocab_key("minilm", vocab)
@@ -305,7 +308,8 @@ def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names,
 def test_causal_lm_harvest_stores_logit_tokens(conn, names, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from interp.catalog import feature_view, harvest_to_catalog
+    from interp.harvest_job import harvest_to_catalog
+    from interp.store.features import feature_view
     from sae.models import load_tokenizer
 
     tok = load_tokenizer("minilm")

@@ -1,0 +1,76 @@
+"""Reading features back: a feature's examples as records (tokens decoded through the stored vocabulary), and
+everything `interp feature` and the API show of one feature."""
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+from pydantic import BaseModel
+
+from sae.errors import InputError
+from sae.records import Example, FeatureExamples
+
+from .labels import LabelView, labels_of
+from .saes import n_features, require_sae
+from .vocab import decode_ids
+
+
+def load_feature_examples(conn: psycopg.Connection, sae_name: str, index: int,
+                          split: str | None = None) -> FeatureExamples:
+    """One feature's examples as records, tokens decoded through the stored vocabulary."""
+    sid = require_sae(conn, sae_name)
+    feat = conn.execute("SELECT max_act, density FROM features WHERE sae_id = %s AND idx = %s", (sid, index)).fetchone()
+    if feat is None:
+        raise InputError(f"SAE {sae_name!r} has no feature {index}; valid: 0..{n_features(conn, sid) - 1}")
+    rows = conn.execute(
+        "SELECT kind, split, width, ctx, start, max_pos, quantile_bin, scale, acts FROM examples"
+        " WHERE sae_id = %s AND feature = %s AND (%s::text IS NULL OR split = %s)"
+        " ORDER BY array_position(ARRAY['top', 'quantile', 'random'], kind), split",
+        (sid, index, split, split)).fetchall()
+    ctx_ids = sorted({c for r in rows for c in r[3]})
+    contexts = dict(conn.execute("SELECT ctx, token_ids FROM contexts WHERE sae_id = %s AND ctx = ANY(%s)",
+                                 (sid, ctx_ids)).fetchall())
+    out: list[Example] = []
+    for kind, sp, width, ctxs, starts, _max_pos, qbins, scales, acts in rows:
+        q = np.frombuffer(acts, dtype=np.uint8).reshape(len(ctxs), width)
+        for i, (c, s, sc) in enumerate(zip(ctxs, starts, scales)):
+            out.append(Example(token_ids=contexts[c][s:s + width], acts=(q[i] / 255.0 * sc).tolist(), kind=kind,
+                               split=sp, quantile_bin=qbins[i] if qbins else None))
+    tok_key = conn.execute("SELECT tokenizer FROM saes WHERE id = %s", (sid,)).fetchone()[0]
+    vocab = decode_ids(conn, tok_key, {t for e in out for t in e.token_ids})
+    if vocab:
+        for e in out:
+            e.tokens = [vocab.get(t, f"<{t}>") for t in e.token_ids]
+    return FeatureExamples(sae=sae_name, index=index, examples=out, max_act=float(feat[0]), density=float(feat[1]))
+
+
+class FeatureView(BaseModel):
+    """Everything `interp feature` and the feature page show of one feature."""
+    sae: str
+    index: int
+    density: float
+    n_fired: int
+    max_act: float
+    mean_act: float
+    hist: list[int]
+    hist_max: float
+    top_logits: list[str] | None
+    bottom_logits: list[str] | None
+    examples: FeatureExamples
+    labels: list[LabelView]
+
+
+def feature_view(conn: psycopg.Connection, sae_name: str, index: int) -> FeatureView:
+    ex = load_feature_examples(conn, sae_name, index)
+    sid = require_sae(conn, sae_name)
+    d, nf, mx, mean, hist, hmax, tl, bl, tok = conn.execute(
+        "SELECT f.density, f.n_fired, f.max_act, f.mean_act, f.hist, f.hist_max, f.top_logits, f.bottom_logits,"
+        " s.tokenizer FROM features f JOIN saes s ON s.id = f.sae_id WHERE f.sae_id = %s AND f.idx = %s",
+        (sid, index)).fetchone()
+    vocab = decode_ids(conn, tok, set(tl or []) | set(bl or []))
+
+    def names(ids):
+        return [vocab.get(t, f"<{t}>") for t in ids] if ids else None
+
+    return FeatureView(sae=sae_name, index=index, density=d, n_fired=nf, max_act=mx, mean_act=mean, hist=list(hist),
+                       hist_max=hmax, top_logits=names(tl), bottom_logits=names(bl), examples=ex,
+                       labels=labels_of(conn, sid, index))

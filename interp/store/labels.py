@@ -1,0 +1,75 @@
+"""Explanations and scores: idempotent upserts on the schema's unique keys, and the readers.
+
+A label (sae, feature, explainer, prompt_version) and a score (explanation, scorer, simulator) are written at
+most once: a repeat write of a stored result is a no-op, and only a stored failure is overwritten by a new
+attempt. So a redelivered task, or a label run again over the same features, never duplicates anything.
+"""
+from __future__ import annotations
+
+import psycopg
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel
+
+from interp.records import Explanation, Score
+
+
+class ScoreView(BaseModel):
+    scorer: str
+    simulator: str
+    value: float | None
+    method: str | None
+    failure: str | None = None
+
+
+class LabelView(BaseModel):
+    explainer: str
+    prompt_version: str
+    label: str | None
+    is_baseline: bool
+    failure: str | None
+    scores: list[ScoreView]
+
+
+def upsert_explanation(conn: psycopg.Connection, sid: int, ex: Explanation) -> int:
+    """Stores a label or its failure; returns its id. A stored label is kept as it is."""
+    row = conn.execute(
+        "INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label, is_baseline, prompt_tokens,"
+        " completion_tokens, failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (sae_id, feature, explainer, prompt_version) DO UPDATE SET label = EXCLUDED.label,"
+        " is_baseline = EXCLUDED.is_baseline, prompt_tokens = explanations.prompt_tokens + EXCLUDED.prompt_tokens,"
+        " completion_tokens = explanations.completion_tokens + EXCLUDED.completion_tokens,"
+        " failure = EXCLUDED.failure, created = now() WHERE explanations.label IS NULL RETURNING id",
+        (sid, ex.index, ex.explainer, ex.prompt_version, ex.label, ex.is_baseline, ex.usage.prompt_tokens,
+         ex.usage.completion_tokens, ex.failure)).fetchone()
+    if row is not None:
+        return row[0]
+    return conn.execute("SELECT id FROM explanations WHERE sae_id = %s AND feature = %s AND explainer = %s"
+                        " AND prompt_version = %s", (sid, ex.index, ex.explainer, ex.prompt_version)).fetchone()[0]
+
+
+def upsert_score(conn: psycopg.Connection, explanation_id: int, s: Score) -> None:
+    """Stores a score with its per-example breakdown; a stored value is kept, a stored failure replaced."""
+    details = {"values": s.values, "breakdown": [b.model_dump() for b in s.breakdown]}
+    conn.execute(
+        "INSERT INTO scores (explanation_id, scorer, simulator, value, method, prompt_version, prompt_tokens,"
+        " completion_tokens, details, failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (explanation_id, scorer, simulator) DO UPDATE SET value = EXCLUDED.value,"
+        " method = EXCLUDED.method, prompt_version = EXCLUDED.prompt_version, details = EXCLUDED.details,"
+        " prompt_tokens = scores.prompt_tokens + EXCLUDED.prompt_tokens,"
+        " completion_tokens = scores.completion_tokens + EXCLUDED.completion_tokens,"
+        " failure = EXCLUDED.failure, created = now()"
+        " WHERE scores.value IS NULL AND scores.failure IS NOT NULL",
+        (explanation_id, s.scorer, s.simulator, s.value, s.method, s.prompt_version, s.usage.prompt_tokens,
+         s.usage.completion_tokens, Jsonb(details), s.failure))
+
+
+def labels_of(conn: psycopg.Connection, sid: int, index: int) -> list[LabelView]:
+    """Every label of one feature, oldest first, each with its scores."""
+    rows = conn.execute(
+        "SELECT e.explainer, e.prompt_version, e.label, e.is_baseline, e.failure,"
+        " coalesce(json_agg(json_build_object('scorer', s.scorer, 'simulator', s.simulator, 'value', s.value,"
+        " 'method', s.method, 'failure', s.failure) ORDER BY s.scorer) FILTER (WHERE s.id IS NOT NULL), '[]')"
+        " FROM explanations e LEFT JOIN scores s ON s.explanation_id = e.id"
+        " WHERE e.sae_id = %s AND e.feature = %s GROUP BY e.id ORDER BY e.id", (sid, index)).fetchall()
+    return [LabelView(explainer=r[0], prompt_version=r[1], label=r[2], is_baseline=r[3], failure=r[4],
+                      scores=[ScoreView(**s) for s in r[5]]) for r in rows]
