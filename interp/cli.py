@@ -255,6 +255,33 @@ def demo(
     typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
 
 
+# ---------------------------------------------------------------- serve (issue 11)
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="listen address (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, help="listen port"),
+    workers: int = typer.Option(1, help="uvicorn worker processes, each with its own connection pool"),
+):
+    """Serve the HTTP API (OpenAPI at /docs) and the dashboard at /. Writes need INTERP_API_TOKEN; reads need
+    INTERP_API_READ_TOKEN when it is set."""
+    import uvicorn
+
+    from interp.settings import APISettings
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be 1..65535, got {port}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    s = APISettings()
+    typer.echo(f"serving http://{host}:{port}/ (API docs at /docs); writes "
+               + ("need the bearer token INTERP_API_TOKEN" if s.write_token() else
+                  "are disabled (INTERP_API_TOKEN is not set)")
+               + ("; reads need INTERP_API_READ_TOKEN" if s.read_token() else "; reads are open"))
+    sys.stdout.flush()
+    uvicorn.run("interp.api:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", access_log=True)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

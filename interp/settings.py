@@ -27,3 +27,21 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class APISettings(BaseSettings):
+    """`interp serve`: the HTTP API's tokens and pool. Secrets are SecretStr so a repr or a log never shows them;
+    an empty token counts as unset (for writes: disabled, never open)."""
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = "postgresql://127.0.0.1:5432/test"
+    interp_api_token: SecretStr | None = None          # bearer token for writes (POST /jobs, cancel)
+    interp_api_read_token: SecretStr | None = None     # when set, reads need it too (or the write token)
+    api_pool_min: int = 1
+    api_pool_max: int = 8
+
+    def write_token(self) -> str | None:
+        return (self.interp_api_token.get_secret_value() if self.interp_api_token else "") or None
+
+    def read_token(self) -> str | None:
+        return (self.interp_api_read_token.get_secret_value() if self.interp_api_read_token else "") or None
