@@ -49,7 +49,8 @@ def snippet_html(e: Example, tokens: list[str], max_act: float) -> str:
     """One snippet, each token tinted by its activation over the feature's max; the value shows on hover."""
     spans = []
     for t, a in zip(shown_tokens(tokens), e.acts):
-        alpha = min(1.0, max(0.0, a / max_act)) if max_act > 0 else 0.0
+        # any activation gets a visible floor of tint, so a weak one is not mistaken for none
+        alpha = 0.1 + 0.9 * min(1.0, a / max_act) if a > 0 and max_act > 0 else 0.0
         style = f' style="background:rgba({TINT},{alpha:.2f})"' if alpha > 0 else ""
         spans.append(f'<span class="tok{" on" if a > 0 else ""}"{style} title="{a:.3g}">'
                      f'{escape(t.replace(chr(10), "⏎"))}</span>')
