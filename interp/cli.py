@@ -232,9 +232,9 @@ def demo(
 
     from interp.db import connect
     from interp.harvest_job import harvest_to_catalog
+    from interp.scorers import label_features
     from interp.store.features import load_feature_examples
     from interp.store.saes import densest_features
-    from interp.scorers import label_features
     from sae.evaluate import evaluate
     from sae.train import TrainConfig, train
 
