@@ -64,7 +64,7 @@ def harvested(sae_dir):
 
     sae = load_sae(sae_dir)
     hm = hooked("minilm", 1, "resid", "cpu")
-    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, window=16, ctx_len=32), batch_size=8,
                     progress=False)
     return sae, hm, state.result()
 
@@ -123,7 +123,7 @@ def test_writing_in_feature_chunks_equals_writing_the_whole_result(conn, names, 
 
     sae = load_sae(sae_dir)
     hm = hooked("minilm", 1, "resid", "cpu")
-    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, window=16, ctx_len=32), batch_size=8,
                     progress=False)
     whole, chunked = names(), names()
     a = _write(conn, whole, sae, hm, state.result())
