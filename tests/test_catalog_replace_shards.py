@@ -15,6 +15,7 @@ from interp.db import connect
 from interp.harvest_job import harvest_to_catalog, weights_sha
 from interp.store.features import feature_view
 from sae.archs import SAEConfig, build
+from sae.configs import HarvestConfig
 from sae.formats import convert, load_sae, save_native
 from tests.helpers import ENV, URL, catalog_rows, harvest_args
 
@@ -25,8 +26,8 @@ TOKENS = 1536
 def reference(conn, sae_dir):
     """The unsharded catalog rows of sae_dir over TOKENS builtin tokens."""
     name = f"t_{uuid.uuid4().hex[:10]}"
-    harvest_to_catalog(sae_dir, name, "builtin", TOKENS, ctx=16, ctx_len=32, top=10, batch_size=8, device="cpu",
-                       progress=False, url=URL)
+    harvest_to_catalog(sae_dir, name, "builtin", TOKENS, cfg=HarvestConfig(top_k=10, window=16, ctx_len=32),
+                       batch_size=8, device="cpu", progress=False, url=URL)
     yield catalog_rows(conn, name)
     conn.execute("DELETE FROM saes WHERE name = %s", (name,))
 

@@ -246,8 +246,8 @@ def test_causal_lm_harvest_stores_logit_tokens(conn, names, tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     sae = build(SAEConfig(d_in=32, n_latents=48, k=4, model=str(tmp_path / "gpt2"), layer=1, site="mlp"))
     name = names()
-    out = harvest_to_catalog(str(save_native(sae, tmp_path / "sae")), name, "builtin", 512, ctx=16, ctx_len=32,
-                             top=10, device="cpu", progress=False, url=URL)
+    out = harvest_to_catalog(str(save_native(sae, tmp_path / "sae")), name, "builtin", 512,
+                             cfg=HarvestConfig(top_k=10, window=16, ctx_len=32), device="cpu", progress=False, url=URL)
     assert out["features"] == 48 and out["tokens"] > 0
     v = feature_view(conn, name, 0)
     W = (sae.W_dec.detach() @ GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").lm_head.weight.T)[0]
