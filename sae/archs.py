@@ -399,8 +399,8 @@ class BatchTopKSAE(TopKSAE):
         return self.threshold.detach().float().expand(self.cfg.n_latents).clone()
 
     def firing_rule(self):
-        # at inference k plays no part. Hashed as the JumpReLU that SAELens holds it as: that one's threshold is
-        # the float32 nearest to ours that threshold_of can give, so the SAE keeps its labels across the round trip
+        # at inference k plays no part. Hashed as the JumpReLU that SAELens holds it as, whose threshold can be one
+        # float32 step off ours (not every float32 is exp of one), so the SAE keeps its labels across the round trip
         as_jumprelu = threshold_of(log_threshold_of(self._dense_threshold()))
         return _ABOVE_THRESHOLD, {**self._encoder(), "threshold": as_jumprelu}
 
