@@ -40,14 +40,15 @@ def build_catalog(tmp: Path) -> Catalog:
     densest features: an embedding score on each, a second (simulation) score and a failed label on the first."""
     from interp.harvest_job import harvest_to_catalog
     from sae.archs import SAEConfig, build
+    from sae.configs import HarvestConfig
     from sae.formats import save_native
 
     torch.manual_seed(0)
     sae = build(SAEConfig(d_in=384, n_latents=128, k=6, model="minilm", layer=1, site="resid"))
     sae_dir = str(save_native(sae, tmp / "sae"))
     name = f"apitest_{uuid.uuid4().hex[:8]}"
-    harvest_to_catalog(sae_dir, name, "builtin", 2048, ctx=16, ctx_len=32, top=10, batch_size=8, device="cpu",
-                       progress=False, url=URL)
+    harvest_to_catalog(sae_dir, name, "builtin", 2048, cfg=HarvestConfig(top_k=10, window=16, ctx_len=32),
+                       batch_size=8, device="cpu", progress=False, url=URL)
     with connect(URL) as conn:
         sid = require_sae(conn, name)
         feats = densest_features(conn, name, len(LABELS))
