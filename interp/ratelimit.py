@@ -1,0 +1,139 @@
+"""LLM rate limits shared by every worker of the fleet through Redis.
+
+Celery's `rate_limit` counts per worker, so it cannot hold an endpoint's global limit. Here each endpoint has a
+requests-per-minute and a tokens-per-minute limit kept by the `limits` library's moving window in Redis, which
+every worker process hits before each call; and a 429 from the endpoint sets a shared "cool down until" key that
+every worker waits on before its next call, so one rate-limited answer slows the whole fleet, not one task.
+
+Tokens are charged before the call, as an estimate (prompt characters / 4 + max_tokens): the window cannot be
+refunded afterwards, so the estimate errs high. When Redis is unreachable calls go ahead unlimited (logged): the
+limits protect the endpoint's quota, and a broker restart must not stop the fleet.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from urllib.parse import urlparse
+
+from .settings import get_settings
+
+log = logging.getLogger(__name__)
+_PREFIX = "interp:ratelimit"
+
+
+def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
+    return sum(len(m.get("content") or "") for m in messages) // 4 + max_tokens
+
+
+class FleetLimiter:
+    def __init__(self, redis_url: str, rpm: int, tpm: int, cooldown_s: float):
+        import redis.asyncio as aioredis
+        from limits import RateLimitItemPerMinute
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import MovingWindowRateLimiter
+
+        self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._items = [(item, n) for item, n in ((RateLimitItemPerMinute(rpm) if rpm else None, rpm),
+                                                 (RateLimitItemPerMinute(tpm) if tpm else None, tpm)) if item]
+        self._limiter = None
+        if self._items:
+            storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix=_PREFIX,
+                                   socket_timeout=2, socket_connect_timeout=2)
+            self._limiter = MovingWindowRateLimiter(storage)
+        self.cooldown_s = cooldown_s
+        self.waited_s = 0.0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def acquire(self, endpoint: str, tokens: int) -> None:
+        """Waits until the fleet may send one more request of about `tokens` tokens to `endpoint`."""
+        try:
+            await self._wait_cooldown(endpoint)
+            if self._limiter is None:
+                return
+            for (item, limit), cost in zip(self._items, (1, tokens)):
+                cost = max(1, min(cost, limit))    # a call larger than the whole window still goes, alone
+                while not await self._limiter.hit(item, endpoint, cost=cost):
+                    stats = await self._limiter.get_window_stats(item, endpoint)
+                    await self._sleep(max(0.05, min(stats.reset_time - time.time(), 5.0)))
+        except Exception as e:  # noqa: BLE001 - redis errors of every kind: go ahead unlimited
+            log.warning("rate limiter unavailable (%s); calling %s without the shared limit", str(e)[:120], endpoint)
+
+    async def _wait_cooldown(self, endpoint: str) -> None:
+        until = await self._redis.get(f"{_PREFIX}:cooldown:{endpoint}")
+        if until is not None and float(until) > time.time():
+            await self._sleep(float(until) - time.time())
+
+    async def _sleep(self, s: float) -> None:
+        self.waited_s += s
+        await asyncio.sleep(s)
+
+    def rate_limited(self, endpoint: str, retry_after: float | None) -> None:
+        """The hook the LLM client calls on every 429 (OpenAIClient's on_rate_limited): the whole fleet cools
+        down for Retry-After, or settings.llm_cooldown_s without one."""
+        until = time.time() + (retry_after if retry_after is not None else self.cooldown_s)
+        task = asyncio.get_running_loop().create_task(self._set_cooldown(endpoint, until))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_cooldown(self, endpoint: str, until: float) -> None:
+        key = f"{_PREFIX}:cooldown:{endpoint}"
+        try:
+            # the later deadline wins when two workers see a 429 at once
+            old = await self._redis.get(key)
+            if old is None or float(old) < until:
+                await self._redis.set(key, repr(until), px=max(1, int((until - time.time()) * 1000)))
+        except Exception as e:  # noqa: BLE001 - see acquire
+            log.warning("could not share a 429 cool-down (%s)", str(e)[:120])
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await t
+        await self._redis.aclose()
+
+
+def endpoint_of(client) -> str:
+    """The limit's key: the endpoint's host and port (one quota, whatever the model)."""
+    u = urlparse(getattr(client, "base_url", None) or "https://api.openai.com/v1")
+    return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
+
+
+class LimitedClient:
+    """An LLM client whose every call first acquires the fleet's limits for its endpoint."""
+
+    def __init__(self, inner, limiter: FleetLimiter):
+        self.inner, self.limiter, self.endpoint = inner, limiter, endpoint_of(inner)
+
+    def __getattr__(self, name):        # spec, usage, grammar_ok... are the inner client's
+        return getattr(self.inner, name)
+
+    async def chat(self, messages: list[dict], **options):
+        await self.limiter.acquire(self.endpoint, estimate_tokens(messages, options.get("max_tokens", 256)))
+        return await self.inner.chat(messages, **options)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@contextlib.asynccontextmanager
+async def limited_clients(specs: list[str]):
+    """{spec: client} for the OpenAI-compatible specs, each under the fleet's limits, closed on exit. Other
+    specs (baseline, hf:) are left to label_features: they call no shared endpoint."""
+    from .llm import make_client
+
+    s = get_settings()
+    limiter = FleetLimiter(s.redis_url, s.llm_rpm, s.llm_tpm, s.llm_cooldown_s)
+    clients: dict = {}
+    try:
+        for spec in dict.fromkeys(specs):
+            if spec.startswith("openai:"):
+                inner = make_client(spec)
+                clients[spec] = limited = LimitedClient(inner, limiter)
+                inner.on_rate_limited = lambda wait, c=limited: limiter.rate_limited(c.endpoint, wait)
+        yield clients
+    finally:
+        for c in clients.values():
+            await c.close()
+        await limiter.close()
