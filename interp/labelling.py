@@ -123,12 +123,15 @@ def broker_app():
 
 
 def check_broker(app) -> None:
-    url = app.conf.broker_url
+    from kombu.utils.url import maybe_sanitize_url
+
+    # kombu's masking also covers redis://:PASSWORD@host, a form interp.db.redact_url lets through
+    url = maybe_sanitize_url(app.conf.broker_url, mask="***")
     try:
         with app.connection_for_write() as c:
             c.ensure_connection(max_retries=1, interval_start=0.2, timeout=3)
     except Exception as e:  # noqa: BLE001 - kombu raises transport-specific errors; each means "unreachable"
-        raise InputError(f"cannot reach the broker at {redact_url(url)}: {str(e).strip()[:160] or type(e).__name__}"
+        raise InputError(f"cannot reach the broker at {url}: {str(e).strip()[:160] or type(e).__name__}"
                          " (start it or set CELERY_BROKER_URL)") from None
 
 
