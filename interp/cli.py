@@ -11,7 +11,9 @@ from typing import Optional
 
 import typer
 
+from sae.cli_config import config_command
 from sae.errors import InputError
+from sae.configs import HarvestConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and convert sparse autoencoders.")
@@ -30,31 +32,11 @@ def emit_json(obj) -> None:
 
 # ---------------------------------------------------------------- sae (issue 2)
 @sae_app.command("train")
-def sae_train(
-    model: str = typer.Option(..., help="Hugging Face id or local path, or 'minilm'"),
-    layer: int = typer.Option(..., help="block index"),
-    corpus: str = typer.Option("builtin", help="builtin | FILE/DIR (.txt/.jsonl) | hf:NAME[:SPLIT]"),
-    latents: int = typer.Option(..., help="number of SAE latents"),
-    k: int = typer.Option(32, help="active latents per token (TopK/BatchTopK), target L0 for the others"),
-    tokens: int = typer.Option(..., help="training tokens"),
-    out: str = typer.Option(..., help="output directory"),
-    site: str = typer.Option("resid", help="resid | mlp | attn"),
-    arch: str = typer.Option("topk", help="topk | batchtopk | jumprelu | relu"),
-    device: str = typer.Option("auto", help="cpu | cuda | auto"),
-    ctx_len: int = typer.Option(128, "--ctx-len"),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens",
-                                               help="tokens per optimiser step (default: about tokens/200, 512..4096)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default scales with latents)"),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
-    json_out: bool = typer.Option(False, "--json"),
-):
+@config_command(TrainConfig)
+def sae_train(cfg: TrainConfig, json_out: bool = typer.Option(False, "--json")):
     """Train an SAE on a model's activations at one hook site."""
-    from sae.train import TrainConfig, train
+    from sae.train import train
 
-    cfg = TrainConfig(model=model, layer=layer, site=site, corpus=corpus, latents=latents, k=k, tokens=tokens,
-                      out=out, arch=arch, device=device, ctx_len=ctx_len, batch_tokens=batch_tokens, lr=lr,
-                      seed=seed, resume=resume)
     summary = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
@@ -121,14 +103,13 @@ def db_migrate(json_out: bool = typer.Option(False, "--json")):
 
 
 @app.command("harvest")
+@config_command(HarvestConfig)
 def harvest_cmd(
+    cfg: HarvestConfig,
     sae: str = typer.Option(..., help="SAE directory (native, SAELens or sparsify)"),
     name: str = typer.Option(..., help="catalog name for this SAE"),
     corpus: str = typer.Option("builtin", help="builtin | FILE/DIR (.txt/.jsonl) | hf:NAME[:SPLIT]"),
     tokens: int = typer.Option(..., help="corpus tokens to run through model and SAE"),
-    ctx: int = typer.Option(32, help="window width shown around each example's max"),
-    ctx_len: int = typer.Option(64, "--ctx-len", help="length of the corpus contexts the model reads"),
-    top: int = typer.Option(50, help="top-activating contexts kept per feature"),
     shard: Optional[str] = typer.Option(None, help="i/n: harvest one slice; the last shard to finish merges"),
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="where shards leave partial states"),
     replace: bool = typer.Option(False, "--replace", help="replace an SAE of the same name"),
@@ -139,9 +120,8 @@ def harvest_cmd(
     """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog."""
     from interp.harvest_job import harvest_to_catalog
 
-    summary = harvest_to_catalog(sae, name, corpus, tokens, ctx=ctx, ctx_len=ctx_len, top=top, shard=shard,
-                                 replace=replace, device=device, batch_size=batch_size, state_dir=state_dir,
-                                 progress=sys.stderr.isatty())
+    summary = harvest_to_catalog(sae, name, corpus, tokens, cfg=cfg, shard=shard, replace=replace, device=device,
+                                 batch_size=batch_size, state_dir=state_dir, progress=sys.stderr.isatty())
     if json_out:
         emit_json(summary)
     else:
@@ -361,9 +341,9 @@ def demo(
 
     from interp.db import connect
     from interp.harvest_job import harvest_to_catalog
+    from interp.scorers import label_features
     from interp.store.features import load_feature_examples
     from interp.store.saes import densest_features
-    from interp.scorers import label_features
     from sae.evaluate import evaluate
     from sae.train import TrainConfig, train
 

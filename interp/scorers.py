@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from sae.cli_config import opt
 from sae.errors import InputError
 from sae.records import Example, FeatureExamples
 
@@ -53,16 +54,22 @@ def _truth(e: Example) -> int:
     return int(e.max_act > 0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreConfig:
-    n_active: int = 6
-    n_random: int = 6
-    width: int = 24
-    batch: int = 5
-    seed: int = 0
+    n_active: int = opt(6, "activating score-set snippets per feature")
+    n_random: int = opt(6, "non-activating score-set snippets per feature")
+    width: int = opt(24, "tokens per snippet")
+    batch: int = opt(5, "snippets per detection/fuzzing prompt")
+    seed: int = opt(0, "order of the snippets in the prompts")
+
+    def __post_init__(self):
+        for name, least in (("n_active", 0), ("n_random", 0), ("width", 1), ("batch", 1)):
+            if getattr(self, name) < least:
+                raise InputError(f"score config: {name} must be at least {least}, got {getattr(self, name)}")
 
 
-async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig = ScoreConfig()) -> Score:
+async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig | None = None) -> Score:
+    cfg = cfg or ScoreConfig()
     exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
     wins = [window(e, cfg.width) for e in exs]
     # the first call runs alone: it shows whether the endpoint returns logprobs, so the rest use one method
@@ -126,8 +133,9 @@ def _fuzz_marks(exs: list[Example], wins, rng: random.Random) -> list[list[bool]
     return marks
 
 
-async def classify(kind: str, fe, label, client, cfg: ScoreConfig = ScoreConfig()) -> Score:
+async def classify(kind: str, fe, label, client, cfg: ScoreConfig | None = None) -> Score:
     """Detection or fuzzing: batches of `cfg.batch` snippets, activating and not mixed, a 0/1 per snippet."""
+    cfg = cfg or ScoreConfig()
     rng = random.Random(cfg.seed * 1_000_003 + fe.index)
     exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
     rng.shuffle(exs)
@@ -196,8 +204,9 @@ def _embed(texts: list[str], enc):
     return np.stack([_EMBED_CACHE[(id(enc), t)] for t in texts])
 
 
-def embedding(fe, label, cfg: ScoreConfig = ScoreConfig(), encoder=None) -> Score:
+def embedding(fe, label, cfg: ScoreConfig | None = None, encoder=None) -> Score:
     """Offline: AUROC of cosine(label, snippet) separating activating from non-activating snippets."""
+    cfg = cfg or ScoreConfig()
     exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
     texts = ["".join(window(e, cfg.width)[0]) for e in exs]
     vecs = _embed([label] + texts, encoder or minilm_encoder())
@@ -211,7 +220,8 @@ def embedding(fe, label, cfg: ScoreConfig = ScoreConfig(), encoder=None) -> Scor
                             for e, t, s in zip(exs, y, sims)])
 
 
-async def run_scorers(fe: FeatureExamples, label: str, names, client=None, cfg: ScoreConfig = ScoreConfig()) -> list[Score]:
+async def run_scorers(fe: FeatureExamples, label: str, names, client=None,
+                      cfg: ScoreConfig | None = None) -> list[Score]:
     """All requested scorers for one label, LLM calls concurrent."""
     bad = [n for n in names if n not in SCORERS]
     if bad:

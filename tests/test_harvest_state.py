@@ -9,7 +9,7 @@ from sae.harvest import (EMPTY_HASH, HarvestConfig, HarvestState, keyhash, logit
                          shard_batches)
 
 F, L, B, M = 40, 16, 6, 5
-CFG = HarvestConfig(top_k=6, ctx=8, n_bins=4, per_bin=2, n_random=3, reservoir=12, pool=12, hist_bins=10)
+CFG = HarvestConfig(top_k=6, window=8, n_bins=4, per_bin=2, n_random=3, reservoir=12, pool=12, hist_bins=10)
 
 
 def synthetic_batch(bi: int):
