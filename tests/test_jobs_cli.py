@@ -7,14 +7,13 @@ import uuid
 
 import pytest
 
-from interp.db import connect, migrate
 from interp.labelling import LabelRequest, broker_app, failure_reason, queue_job, run_chunk
 from interp.settings import get_settings
 from interp.store import jobs
+from tests.helpers import URL
 from tests.jobs_support import make_sae, oracle
 from tests.stub_llm import StubLLM
 
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/5")
 QUEUE = f"test-cli-{uuid.uuid4().hex[:8]}"
 
@@ -38,14 +37,6 @@ def env(stub, monkeypatch):
     app = broker_app()
     with app.connection_for_write() as c:
         c.default_channel.queue_delete(QUEUE)
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = connect(URL)
-    migrate(c)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import uuid
 
 import pytest
 
-from interp.db import connect, migrate
+from interp.db import connect
 from interp.labelling import LabelRequest, broker_app, queue_job, resume_job
 from interp.settings import get_settings
 from interp.store import jobs
+from tests.helpers import URL
 from tests.jobs_support import kill_group, make_sae, oracle, start_worker, stop_worker, wait_for, worker_env
 from tests.stub_llm import StubLLM
 
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 REDIS = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/5")
 RABBIT = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 FAULTS = ("429", "500", "503", "timeout", "malformed")
@@ -44,14 +44,6 @@ def stub():
     with FlakyStub(latency_s=0.02, stall_s=1.0, retry_after="0.1") as s:
         s.responder = oracle
         yield s
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = connect(URL)
-    migrate(c)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
