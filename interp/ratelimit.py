@@ -35,8 +35,8 @@ class FleetLimiter:
         from limits.aio.strategies import MovingWindowRateLimiter
 
         self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self._items = [(item, n) for item, n in ((RateLimitItemPerMinute(rpm) if rpm else None, rpm),
-                                                 (RateLimitItemPerMinute(tpm) if tpm else None, tpm)) if item]
+        # (window, its limit, whether a call costs its tokens or 1)
+        self._items = [(RateLimitItemPerMinute(n), n, per_token) for n, per_token in ((rpm, False), (tpm, True)) if n]
         self._limiter = None
         if self._items:
             storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix=_PREFIX,
@@ -52,8 +52,8 @@ class FleetLimiter:
             await self._wait_cooldown(endpoint)
             if self._limiter is None:
                 return
-            for (item, limit), cost in zip(self._items, (1, tokens)):
-                cost = max(1, min(cost, limit))    # a call larger than the whole window still goes, alone
+            for item, limit, per_token in self._items:
+                cost = max(1, min(tokens, limit)) if per_token else 1   # a call over the whole window goes alone
                 while not await self._limiter.hit(item, endpoint, cost=cost):
                     stats = await self._limiter.get_window_stats(item, endpoint)
                     await self._sleep(max(0.05, min(stats.reset_time - time.time(), 5.0)))
