@@ -235,7 +235,7 @@ def pool():
     if pid not in _POOLS:
         from .db import database_url
 
-        _POOLS[pid] = ConnectionPool(database_url(), min_size=1, max_size=4, timeout=10, open=True,
+        _POOLS[pid] = ConnectionPool(database_url(), min_size=1, max_size=8, timeout=10, open=True,
                                      kwargs={"autocommit": True, "connect_timeout": 5},
                                      check=ConnectionPool.check_connection)
     return _POOLS[pid]
@@ -273,57 +273,81 @@ def _load(conn, p: JobParams, feats: list[int]):
 def run_chunk(job_id: int, first: int, last: int, send: Send) -> int:
     """One task: claim, label, store, send the next chunks. Returns the number of features it stored."""
     s = get_settings()
-    got = with_db(jobs.job_params, job_id)
-    if got is None or got[0] not in jobs.ACTIVE:
+    job = with_db(jobs.job_ref, job_id)
+    if job is None or job.state not in jobs.ACTIVE:
         return 0
-    p = got[1]
     feats = with_db(jobs.claim, job_id, first, last, s.job_lease_s)
     stored = 0
     if feats:
-        fes, outcomes = with_db(_load, p, feats)
-        sid = with_db(lambda c: c.execute("SELECT sae_id FROM jobs WHERE id = %s", (job_id,)).fetchone()[0])
         try:
-            results = asyncio.run(_label_leased(job_id, feats, fes, p)) if fes else []
+            stored = asyncio.run(_label_leased(job_id, job, feats))
         except InputError as e:     # settings no worker can run, e.g. a simulator spec without its key here
             with_db(jobs.release, job_id, feats)
             with_db(jobs.fail_job, job_id, str(e))
             return 0
-        outcomes += [outcome(r, p.scorers) for r in results]
-        for out in outcomes:
-            with_db(jobs.finish_feature, job_id, sid, out)
-        stored = len(outcomes)
     send(with_db(jobs.top_up, job_id, s.job_lease_s))
     return stored
 
 
-async def _label_leased(job_id: int, feats: list[int], fes, p: JobParams) -> list[LabelResult]:
-    """label_features under the shared rate limits, renewing the chunk's lease while it runs."""
+async def _label_leased(job_id: int, job: jobs.JobRef, feats: list[int]) -> int:
+    """The chunk as a pipeline of small batches sharing the clients (so their concurrency limit): one batch's
+    features load from Postgres and another's results are stored, in threads, while the LLM calls of the rest
+    run, so the endpoint never waits on the database. The lease is renewed meanwhile. Once a store finds the job
+    paused (its budget) or cancelled, batches not yet labelled go back to queued."""
     from .ratelimit import limited_clients
-    from .scorers import label_features
 
     s = get_settings()
-
-    async def renew():
-        while True:
-            await asyncio.sleep(s.job_lease_s / 3)
-            try:
-                await asyncio.to_thread(with_db, jobs.renew, job_id, feats, s.job_lease_s)
-            except psycopg.OperationalError as e:
-                log.warning("job %d: lease not renewed (%s)", job_id, str(e)[:120])
-
-    renewer = asyncio.create_task(renew())
+    p, stop = job.params, asyncio.Event()
+    batches = [feats[i:i + s.job_batch] for i in range(0, len(feats), s.job_batch)]
+    renewer = asyncio.create_task(_renew(job_id, feats))
     try:
         async with limited_clients([p.explainer, p.simulator or p.explainer]) as clients:
-            import inspect  # TEMP adapter, see LabelResult above
-
-            if "clients" not in inspect.signature(label_features).parameters:
-                return [LabelResult(explanation=e, scores=sc)
-                        for e, sc in await label_features(fes, p.explainer, p.simulator, p.scorers)]
-            return await label_features(fes, p.explainer, p.simulator, p.scorers, clients=clients)
+            done = await asyncio.gather(*(_batch(job_id, job, b, clients, stop) for b in batches))
     finally:
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
+    return sum(done)
+
+
+async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict, stop: asyncio.Event) -> int:
+    from .scorers import label_features
+
+    p = job.params
+    fes, outcomes = await asyncio.to_thread(with_db, _load, p, feats)
+    if stop.is_set():
+        await asyncio.to_thread(with_db, jobs.release, job_id, feats)
+        return 0
+    if fes:
+        import inspect  # TEMP adapter, see LabelResult above
+
+        if "clients" not in inspect.signature(label_features).parameters:
+            results = [LabelResult(explanation=e, scores=sc)
+                       for e, sc in await label_features(fes, p.explainer, p.simulator, p.scorers)]
+        else:
+            results = await label_features(fes, p.explainer, p.simulator, p.scorers, clients=clients)
+        outcomes += [outcome(r, p.scorers) for r in results]
+    state = await asyncio.to_thread(_store, job_id, job.sae_id, outcomes)
+    if state not in jobs.ACTIVE:
+        stop.set()
+    return len(outcomes)
+
+
+def _store(job_id: int, sid: int, outcomes: list[FeatureOutcome]) -> str:
+    state = "running"
+    for out in outcomes:
+        state = with_db(jobs.finish_feature, job_id, sid, out)
+    return state
+
+
+async def _renew(job_id: int, feats: list[int]) -> None:
+    s = get_settings()
+    while True:
+        await asyncio.sleep(s.job_lease_s / 3)
+        try:
+            await asyncio.to_thread(with_db, jobs.renew, job_id, feats, s.job_lease_s)
+        except psycopg.OperationalError as e:
+            log.warning("job %d: lease not renewed (%s)", job_id, str(e)[:120])
 
 
 def sweep(send: Send) -> int:

@@ -119,8 +119,8 @@ class LimitedClient:
 
 @contextlib.asynccontextmanager
 async def limited_clients(specs: list[str]):
-    """{spec: client} for the OpenAI-compatible specs, each under the fleet's limits, closed on exit. Other
-    specs (baseline, hf:) are left to label_features: they call no shared endpoint."""
+    """{spec: client}, closed on exit: OpenAI-compatible endpoints under the fleet's limits, in-process models
+    (hf:) as they are, made once so that a chunk's batches share them. The baseline needs no client."""
     from .llm import make_client
 
     s = get_settings()
@@ -132,6 +132,8 @@ async def limited_clients(specs: list[str]):
                 inner = make_client(spec)
                 clients[spec] = limited = LimitedClient(inner, limiter)
                 inner.on_rate_limited = lambda wait, c=limited: limiter.rate_limited(c.endpoint, wait)
+            elif spec != "baseline":
+                clients[spec] = make_client(spec)
         yield clients
     finally:
         for c in clients.values():

@@ -108,10 +108,17 @@ def complete_features(conn: psycopg.Connection, sid: int, explainer: str, prompt
     return np.array([r[0] for r in rows], dtype=np.int64)
 
 
-def job_params(conn: psycopg.Connection, job_id: int) -> tuple[str, JobParams] | None:
-    """(state, params) of a job, or None when there is no such job."""
-    row = conn.execute("SELECT state, params FROM jobs WHERE id = %s", (job_id,)).fetchone()
-    return None if row is None else (row[0], JobParams(**row[1]))
+@dataclass
+class JobRef:
+    """What a worker reads of its job before claiming."""
+    state: str
+    sae_id: int
+    params: JobParams
+
+
+def job_ref(conn: psycopg.Connection, job_id: int) -> JobRef | None:
+    row = conn.execute("SELECT state, sae_id, params FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    return None if row is None else JobRef(row[0], row[1], JobParams(**row[2]))
 
 
 def claim(conn: psycopg.Connection, job_id: int, first: int, last: int, lease_s: float) -> list[int]:
