@@ -236,7 +236,10 @@ def pool():
         from .db import database_url
 
         _POOLS[pid] = ConnectionPool(database_url(), min_size=1, max_size=8, timeout=10, open=True,
-                                     kwargs={"autocommit": True, "connect_timeout": 5},
+                                     # a commit lost to a crash leaves its item leased, so it is only redone:
+                                     # the workers need not wait for each feature's WAL flush
+                                     kwargs={"autocommit": True, "connect_timeout": 5,
+                                             "options": "-c synchronous_commit=off"},
                                      check=ConnectionPool.check_connection)
     return _POOLS[pid]
 
@@ -276,13 +279,13 @@ def run_chunk(job_id: int, first: int, last: int, send: Send) -> int:
     job = with_db(jobs.job_ref, job_id)
     if job is None or job.state not in jobs.ACTIVE:
         return 0
-    feats = with_db(jobs.claim, job_id, first, last, s.job_lease_s)
+    feats = with_db(jobs.claim, job_id, job.sae_id, first, last, s.job_lease_s)
     stored = 0
     if feats:
         try:
             stored = asyncio.run(_label_leased(job_id, job, feats))
         except InputError as e:     # settings no worker can run, e.g. a simulator spec without its key here
-            with_db(jobs.release, job_id, feats)
+            with_db(jobs.release, job_id, job.sae_id, feats)
             with_db(jobs.fail_job, job_id, str(e))
             return 0
     send(with_db(jobs.top_up, job_id, s.job_lease_s))
@@ -299,7 +302,7 @@ async def _label_leased(job_id: int, job: jobs.JobRef, feats: list[int]) -> int:
     s = get_settings()
     p, stop = job.params, asyncio.Event()
     batches = [feats[i:i + s.job_batch] for i in range(0, len(feats), s.job_batch)]
-    renewer = asyncio.create_task(_renew(job_id, feats))
+    renewer = asyncio.create_task(_renew(job_id, job.sae_id, feats))
     try:
         async with limited_clients([p.explainer, p.simulator or p.explainer]) as clients:
             done = await asyncio.gather(*(_batch(job_id, job, b, clients, stop) for b in batches))
@@ -316,7 +319,7 @@ async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict,
     p = job.params
     fes, outcomes = await asyncio.to_thread(with_db, _load, p, feats)
     if stop.is_set():
-        await asyncio.to_thread(with_db, jobs.release, job_id, feats)
+        await asyncio.to_thread(with_db, jobs.release, job_id, job.sae_id, feats)
         return 0
     if fes:
         import inspect  # TEMP adapter, see LabelResult above
@@ -340,12 +343,12 @@ def _store(job_id: int, sid: int, outcomes: list[FeatureOutcome]) -> str:
     return state
 
 
-async def _renew(job_id: int, feats: list[int]) -> None:
+async def _renew(job_id: int, sid: int, feats: list[int]) -> None:
     s = get_settings()
     while True:
         await asyncio.sleep(s.job_lease_s / 3)
         try:
-            await asyncio.to_thread(with_db, jobs.renew, job_id, feats, s.job_lease_s)
+            await asyncio.to_thread(with_db, jobs.renew, job_id, sid, feats, s.job_lease_s)
         except psycopg.OperationalError as e:
             log.warning("job %d: lease not renewed (%s)", job_id, str(e)[:120])
 

@@ -44,7 +44,7 @@ def synthetic_harvest(n_features: int, seed: int = 0, with_examples: bool = True
                   scale=np.where(top, 3.0, 0.0).astype(np.float32), acts=acts)
     return HarvestResult(n_tokens=m * WIDTH, ctx_len=WIDTH, width=WIDTH, density=np.full(n_features, 0.01, np.float32),
                          n_fired=np.full(n_features, 10), max_act=np.full(n_features, 3.0, np.float32),
-                         mean_act=np.full(n_features, 1.0, np.float32), hist=np.zeros((n_features, 50), np.int32),
+                         mean_act=np.full(n_features, 1.0, np.float32), hist=np.zeros((n_features, 1), np.int32),
                          hist_max=np.full(n_features, 3.0, np.float32), examples=ex,
                          contexts={i: tokens[i] for i in range(m)})
 

@@ -91,6 +91,7 @@ def create_job(conn: psycopg.Connection, sid: int, params: JobParams, features: 
                 cp.write(pgbinary.rows([Col(">i8", np.full(m, job_id)), Col(">i4", np.full(m, sid)),
                                         Col(">i4", part), Col(">i4", (np.arange(a, a + m) // chunk_size))], m))
             cp.write(pgbinary.TRAILER)
+    conn.execute("ANALYZE job_items")   # plans for the claims and top-ups that follow must see the new rows
     return job_id
 
 
@@ -121,28 +122,29 @@ def job_ref(conn: psycopg.Connection, job_id: int) -> JobRef | None:
     return None if row is None else JobRef(row[0], row[1], JobParams(**row[2]))
 
 
-def claim(conn: psycopg.Connection, job_id: int, first: int, last: int, lease_s: float) -> list[int]:
+def claim(conn: psycopg.Connection, job_id: int, sid: int, first: int, last: int, lease_s: float) -> list[int]:
     """Leases the queued items of features first..last of an active job that is under its budget; returns
     their features. The job turns running."""
     with conn.transaction():
         rows = conn.execute(
             "UPDATE job_items SET state = 'running', lease_until = now() + make_interval(secs => %s),"
             " attempts = attempts + 1, updated = now()"
-            " WHERE job_id = %s AND feature BETWEEN %s AND %s AND state = 'queued' AND EXISTS (SELECT 1 FROM jobs j"
+            " WHERE job_id = %s AND sae_id = %s AND feature BETWEEN %s AND %s AND state = 'queued'"
+            " AND EXISTS (SELECT 1 FROM jobs j"
             " WHERE j.id = %s AND j.state IN ('queued', 'running')"
             " AND (j.budget_tokens IS NULL OR j.tokens < j.budget_tokens)) RETURNING feature",
-            (lease_s, job_id, first, last, job_id)).fetchall()
+            (lease_s, job_id, sid, first, last, job_id)).fetchall()
         if rows:
             conn.execute("UPDATE jobs SET state = 'running', updated = now() WHERE id = %s AND state = 'queued'",
                          (job_id,))
     return sorted(r[0] for r in rows)
 
 
-def renew(conn: psycopg.Connection, job_id: int, features: list[int], lease_s: float) -> int:
+def renew(conn: psycopg.Connection, job_id: int, sid: int, features: list[int], lease_s: float) -> int:
     """Extends the lease of the job's items still running among `features`; returns how many."""
     return conn.execute(
-        "UPDATE job_items SET lease_until = now() + make_interval(secs => %s) WHERE job_id = %s"
-        " AND feature = ANY(%s) AND state = 'running'", (lease_s, job_id, features)).rowcount
+        "UPDATE job_items SET lease_until = now() + make_interval(secs => %s) WHERE job_id = %s AND sae_id = %s"
+        " AND feature = ANY(%s) AND state = 'running'", (lease_s, job_id, sid, features)).rowcount
 
 
 def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: FeatureOutcome) -> str:
@@ -155,8 +157,8 @@ def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: Feature
                 upsert_score(conn, eid, s)
         moved = conn.execute(
             "UPDATE job_items SET state = %s, reason = %s, error = %s, lease_until = NULL, updated = now()"
-            " WHERE job_id = %s AND feature = %s AND state IN ('queued', 'running')",
-            ("failed" if out.reason else "done", out.reason, out.error, job_id, out.feature)).rowcount
+            " WHERE job_id = %s AND sae_id = %s AND feature = %s AND state IN ('queued', 'running')",
+            ("failed" if out.reason else "done", out.reason, out.error, job_id, sid, out.feature)).rowcount
         done, failed = (moved and not out.reason), (moved and bool(out.reason))
         return conn.execute(
             "UPDATE jobs SET tokens = tokens + %(t)s, n_done = n_done + %(d)s, n_failed = n_failed + %(f)s,"
@@ -173,10 +175,10 @@ def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: Feature
             {"t": out.tokens, "d": int(done), "f": int(failed), "job": job_id}).fetchone()[0]
 
 
-def release(conn: psycopg.Connection, job_id: int, features: list[int]) -> None:
+def release(conn: psycopg.Connection, job_id: int, sid: int, features: list[int]) -> None:
     """Items a worker claimed but will not finish (the job paused or was cancelled under it): back to queued."""
     conn.execute("UPDATE job_items SET state = 'queued', lease_until = NULL, updated = now() WHERE job_id = %s"
-                 " AND feature = ANY(%s) AND state = 'running'", (job_id, features))
+                 " AND sae_id = %s AND feature = ANY(%s) AND state = 'running'", (job_id, sid, features))
 
 
 def fail_job(conn: psycopg.Connection, job_id: int, reason: str) -> None:
@@ -202,11 +204,17 @@ def top_up(conn: psycopg.Connection, job_id: int, lease_s: float) -> list[Chunk]
         want = JobParams(**row[1]).window - in_flight
         if want <= 0:
             return []
+        chunks, after = [], -1
+        for _ in range(want):   # one index probe per chunk: a DISTINCT over a million items would scan them all
+            after = conn.execute("SELECT min(chunk) FROM job_items WHERE job_id = %s AND state = 'queued'"
+                                 " AND lease_until IS NULL AND chunk > %s", (job_id, after)).fetchone()[0]
+            if after is None:
+                break
+            chunks.append(after)
         rows = conn.execute(
             "UPDATE job_items SET lease_until = now() + make_interval(secs => %s) WHERE job_id = %s"
-            " AND state = 'queued' AND lease_until IS NULL AND chunk IN (SELECT DISTINCT chunk FROM job_items"
-            " WHERE job_id = %s AND state = 'queued' AND lease_until IS NULL ORDER BY chunk LIMIT %s)"
-            " RETURNING chunk, feature", (lease_s, job_id, job_id, want)).fetchall()
+            " AND chunk = ANY(%s) AND state = 'queued' AND lease_until IS NULL RETURNING chunk, feature",
+            (lease_s, job_id, chunks)).fetchall()
     return _chunks(job_id, rows)
 
 
