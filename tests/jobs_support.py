@@ -73,13 +73,18 @@ def worker_env(**extra) -> dict:
     return env
 
 
-def start_worker(env: dict, concurrency: int = 2, log: Path | None = None) -> subprocess.Popen:
-    """A real worker, `celery -A workers.app worker`, in its own process group (so kill -9 takes all of it)."""
+def start_worker(env: dict, concurrency: int = 2, log: Path | None = None, via_cli: bool = False) -> subprocess.Popen:
+    """A real worker, `celery -A workers.app worker` (or `interp worker`, which becomes it), in its own process
+    group (so kill -9 takes all of it)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel", "INFO",
-                             "-Q", env["JOB_QUEUE"], "--concurrency", str(concurrency), "--without-gossip",
-                             "--without-mingle", "--without-heartbeat", "-n", f"w{uuid.uuid4().hex[:6]}@%h"],
-                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    args = ["--concurrency", str(concurrency)]
+    if via_cli:
+        cmd = [sys.executable, "-m", "interp.cli", "worker", "--queues", env["JOB_QUEUE"], *args]
+    else:
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel", "INFO", "-Q",
+               env["JOB_QUEUE"], *args, "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "-n", f"w{uuid.uuid4().hex[:6]}@%h"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_group(p: subprocess.Popen) -> None:

@@ -174,3 +174,17 @@ def test_jobs_json_shape_cancel_and_resume_through_the_cli(conn, sae, env, inter
 ])
 def test_failure_reasons_are_counted_by_category(line, reason):
     assert failure_reason(line) == reason
+
+
+def test_a_job_no_worker_can_run_fails_with_the_reason_and_keeps_its_items_pending(conn, sae, env, monkeypatch):
+    job = queue_job(conn, LabelRequest(sae=sae, features="0:10", explainer="openai:elsewhere",
+                                       scorers=("detection",)), broker_app())
+    monkeypatch.delenv("OPENAI_BASE_URL")           # this worker has no endpoint for the job's model
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    get_settings.cache_clear()
+    assert run_all(job.job_id, 0, 9) == 0
+    failed = jobs.summaries(conn, job.job_id)[0]
+    assert failed.state == "failed" and "OPENAI_API_KEY" in failed.reason and failed.n_done == 0
+    states = conn.execute("SELECT state, count(*) FROM job_items WHERE job_id = %s GROUP BY 1",
+                          (job.job_id,)).fetchall()
+    assert states == [("queued", 10)]

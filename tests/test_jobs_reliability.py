@@ -3,9 +3,11 @@ Postgres, Redis and RabbitMQ, and the OpenAI-compatible stub over HTTP. A worker
 process group), a flaky LLM, a Postgres restart and a Redis restart mid-job; cancel, budget and resume.
 
 Services are restarted briefly and always started again in a `finally`."""
+import json
 import os
 import random
 import subprocess
+import sys
 import time
 import uuid
 
@@ -76,7 +78,7 @@ def as_settings(monkeypatch):
 def redis_worker(stub, tmp_path_factory):
     """One worker on the Redis broker, shared by the tests that do not kill workers."""
     values = settings_for(stub, REDIS)
-    w = start_worker(worker_env(**values), log=tmp_path_factory.mktemp("w") / "redis-worker.log")
+    w = start_worker(worker_env(**values), log=tmp_path_factory.mktemp("w") / "redis-worker.log", via_cli=True)
     yield values
     stop_worker(w)
 
@@ -145,23 +147,28 @@ def test_a_flaky_llm_job_completes_with_failures_counted_by_reason(conn, sae, st
     stub.fault_rate = 0.3
     try:
         unlabel(conn, sae)
-        j = label(conn, sae, "0:200")
-        final = wait_for(lambda: ended(conn, j.job_id), 120, what="the flaky job to end")
+        r = subprocess.run([sys.executable, "-m", "interp.cli", "label", "--sae", sae, "--features", "0:200",
+                            "--explainer", "openai:stub", "--scorer", "detection", "--wait", "--json"],
+                           env=worker_env(**redis_worker), capture_output=True, text=True, timeout=150)
     finally:
         stub.fault_rate = 0.0
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "200/200" in r.stderr and "feat/s" in r.stderr      # the --wait progress bar
+    final = jobs.JobSummary(**json.loads(r.stdout))
+    assert final == job(conn, final.job_id)
     assert final.state == "done" and final.n_done + final.n_failed == final.n_items == 200
     assert final.n_failed > 0 and sum(final.failures.values()) == final.n_failed
     assert set(final.failures) <= {"rate_limited", "server_error", "timeout", "malformed", "connection",
                                    "unparseable"}, final.failures
     items = conn.execute("SELECT count(*) FILTER (WHERE state = 'failed' AND reason IS NOT NULL AND error IS NOT NULL),"
                          " count(*) FILTER (WHERE state = 'done') FROM job_items WHERE job_id = %s",
-                         (j.job_id,)).fetchone()
+                         (final.job_id,)).fetchone()
     assert items == (final.n_failed, final.n_done)
     # a feature that failed has its failure stored with its explanation or its score
     failed_rows = conn.execute(
         "SELECT count(*) FROM job_items i JOIN explanations e ON e.sae_id = i.sae_id AND e.feature = i.feature"
         " AND e.explainer = 'openai:stub' LEFT JOIN scores s ON s.explanation_id = e.id WHERE i.job_id = %s"
-        " AND i.state = 'failed' AND (e.failure IS NOT NULL OR s.failure IS NOT NULL)", (j.job_id,)).fetchone()[0]
+        " AND i.state = 'failed' AND (e.failure IS NOT NULL OR s.failure IS NOT NULL)", (final.job_id,)).fetchone()[0]
     assert failed_rows == final.n_failed
 
 
