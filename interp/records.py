@@ -1,3 +1,6 @@
+# Record rule: pydantic where a record crosses a process, database or JSON boundary (these records: Celery,
+# the store, --json); dataclasses inside a room (e.g. sae.records, interp.llm.Completion), never dicts of
+# dicts or bare tuples between rooms.
 """Records that leave the labelling step: one `Explanation` per label attempt, one `Score` per scorer run."""
 from __future__ import annotations
 
@@ -63,3 +66,10 @@ class Score(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     breakdown: list[ExampleScore] = Field(default_factory=list)
     failure: str | None = None
+
+
+class LabelResult(BaseModel):
+    """One feature's labelling: its explanation and the scores of that label (none when it has no label, or
+    when scoring failed; the explanation's failure then says why)."""
+    explanation: Explanation
+    scores: list[Score] = Field(default_factory=list)
