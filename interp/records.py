@@ -1,7 +1,8 @@
-# Record rule: pydantic where a record crosses a process, database or JSON boundary (these records: Celery,
-# the store, --json); dataclasses inside a room (e.g. sae.records, interp.llm.Completion), never dicts of
-# dicts or bare tuples between rooms.
-"""Records that leave the labelling step: one `Explanation` per label attempt, one `Score` per scorer run."""
+# Record rule: pydantic where a record crosses a process, database or JSON boundary (these records go to
+# Celery, the store and --json); dataclasses inside a room (e.g. interp.llm.Completion); never bare tuples
+# or dicts of dicts between rooms.
+"""Records that leave the labelling step: one `Explanation` per label attempt, one `Score` per scorer run,
+one `LabelResult` per feature."""
 from __future__ import annotations
 
 from typing import Literal

@@ -125,8 +125,10 @@ def test_concurrency_limit_holds_under_load():
             return await asyncio.gather(*(cl.chat(MSG) for _ in range(9)))
 
         t = time.monotonic()
-        assert len(run(many())) == 9
-        assert stub.max_in_flight == 3
+        out = run(many())
+        assert len(out) == 9 and stub.max_in_flight == 3
+        # each concurrent call counts only its own request, and the client sums them
+        assert all(c.usage.calls == 1 and c.usage.completion_tokens > 0 for c in out) and cl.usage.calls == 9
         assert time.monotonic() - t >= 0.3 - 0.01
 
 
