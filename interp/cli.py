@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 
 from sae.cli_config import config_command
-from sae.errors import InputError
 from sae.configs import HarvestConfig, TrainConfig
+from sae.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and convert sparse autoencoders.")
@@ -184,15 +184,19 @@ def explain_cmd(
     from interp.scorers import label_feature, read_feature_file
 
     fe = read_feature_file(feature_file)
-    ex, scores = asyncio.run(label_feature(fe, explainer, simulator, [s.strip() for s in scorer.split(",") if s.strip()]))
+    names = [s.strip() for s in scorer.split(",") if s.strip()]
+    result = asyncio.run(label_feature(fe, explainer, simulator, names))
+    ex = result.explanation
     if json_out:
-        emit_json({"explanation": ex.model_dump(), "scores": [s.model_dump() for s in scores]})
+        emit_json(result.model_dump())
         return
     typer.echo(f"label: {ex.label}" if ex.ok else f"no label: {ex.failure}")
-    for s in scores:
+    if ex.ok and ex.failure:
+        typer.echo(f"not scored: {ex.failure}")
+    for s in result.scores:
         vals = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=undefined" for k, v in s.values.items())
         typer.echo(f"{s.scorer:>10} ({s.method}, {s.usage.total} tokens): {vals}")
-    if not ex.ok:
+    if ex.failure:
         sys.exit(1)
 
 
@@ -228,8 +232,9 @@ def demo(
     with connect() as conn:
         idxs = densest_features(conn, "demo", features)
         fes = [load_feature_examples(conn, "demo", i) for i in idxs]
-    for ex, scores in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
-        score = next((s.value for s in scores if s.scorer == "embedding"), None)
+    for result in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
+        ex = result.explanation
+        score = next((s.value for s in result.scores if s.scorer == "embedding"), None)
         typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
                    f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
     typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")

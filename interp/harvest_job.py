@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta, lock_session, name_taken, sae_id
 from interp.store.vocab import store_vocab, vocab_key
