@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
-from sae.errors import InputError
+from sae.errors import InputError, first_line
 
 from .records import Usage
 
@@ -243,11 +243,6 @@ class OpenAIClient:
 
     async def close(self) -> None:
         await self._client.close()
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one short line, for errors that must stay one line."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 @dataclass

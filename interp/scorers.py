@@ -14,12 +14,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from sae.cli_config import opt
-from sae.errors import InputError
+from sae.errors import InputError, first_line
 from sae.records import Example, FeatureExamples
 
 from . import prompts
 from .explainers import window
-from .llm import LLMClient, LLMError, NullClient, first_line, is_baseline
+from .llm import LLMClient, LLMError, NullClient, is_baseline
 from .records import ExampleScore, Explanation, LabelResult, Score, Usage
 from .scoring import auroc, classification_scores, normalise_activations, simulation_scores
 from .simulator import Simulator
@@ -326,5 +326,5 @@ def read_feature_file(path: str) -> FeatureExamples:
         exs = [Example(**e) for e in raw.pop("examples")]
         return FeatureExamples(examples=exs, **raw)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path} is not a feature file ({str(e).splitlines()[0][:120]}); expected "
+        raise InputError(f"{path} is not a feature file ({first_line(e)}); expected "
                          '{"sae": ..., "index": ..., "examples": [{"token_ids": [...], "acts": [...], ...}]}') from None
