@@ -11,9 +11,10 @@ from typing import Optional
 
 import typer
 
+from interp.demo import DemoConfig
 from sae.cli_config import config_command
-from sae.errors import InputError
 from sae.configs import HarvestConfig, TrainConfig
+from sae.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and convert sparse autoencoders.")
@@ -184,15 +185,19 @@ def explain_cmd(
     from interp.scorers import label_feature, read_feature_file
 
     fe = read_feature_file(feature_file)
-    ex, scores = asyncio.run(label_feature(fe, explainer, simulator, [s.strip() for s in scorer.split(",") if s.strip()]))
+    names = [s.strip() for s in scorer.split(",") if s.strip()]
+    result = asyncio.run(label_feature(fe, explainer, simulator, names))
+    ex = result.explanation
     if json_out:
-        emit_json({"explanation": ex.model_dump(), "scores": [s.model_dump() for s in scores]})
+        emit_json(result.model_dump())
         return
     typer.echo(f"label: {ex.label}" if ex.ok else f"no label: {ex.failure}")
-    for s in scores:
+    if ex.ok and ex.failure:
+        typer.echo(f"not scored: {ex.failure}")
+    for s in result.scores:
         vals = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=undefined" for k, v in s.values.items())
         typer.echo(f"{s.scorer:>10} ({s.method}, {s.usage.total} tokens): {vals}")
-    if not ex.ok:
+    if ex.failure:
         sys.exit(1)
 
 
@@ -329,39 +334,14 @@ def worker_cmd(
 
 
 @app.command("demo")
-def demo(
-    out: str = typer.Option("runs/demo", help="where the demo SAE goes"),
-    tokens: int = typer.Option(200_000, help="training tokens"),
-    harvest_tokens: int = typer.Option(50_000, "--harvest-tokens", help="corpus tokens harvested into the catalog"),
-    features: int = typer.Option(3, help="features labelled (baseline explainer, embedding scorer) and shown"),
-):
-    """What exists, end to end on the embedded defaults: train and evaluate an SAE on MiniLM, harvest it into
-    the Postgres catalog as `demo`, then label and score a few features offline and show them."""
-    import asyncio
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="small sizes (the CI test's); same steps")):
+    """The whole service end to end on the embedded defaults: services, schema, a MiniLM SAE trained and evaluated,
+    harvested into Postgres, labelled by Celery workers (baseline + an LLM), then the best features, a search and
+    the dashboard's URL. A second run skips what is done."""
+    from interp.demo import run
 
-    from interp.db import connect
-    from interp.harvest_job import harvest_to_catalog
-    from interp.scorers import label_features
-    from interp.store.features import load_feature_examples
-    from interp.store.saes import densest_features
-    from sae.evaluate import evaluate
-    from sae.train import TrainConfig, train
-
-    train(TrainConfig(model="minilm", layer=3, corpus="builtin", latents=2048, k=16, tokens=tokens, out=out))
-    metrics = evaluate(out, corpus="builtin", tokens=50_000)
-    for key, val in metrics.items():
-        typer.echo(f"{key:>16}: {val}")
-    summary = harvest_to_catalog(out, "demo", "builtin", harvest_tokens, replace=True,
-                                 progress=sys.stderr.isatty())
-    typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
-    with connect() as conn:
-        idxs = densest_features(conn, "demo", features)
-        fes = [load_feature_examples(conn, "demo", i) for i in idxs]
-    for ex, scores in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
-        score = next((s.value for s in scores if s.scorer == "embedding"), None)
-        typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
-                   f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
-    typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
+    run(cfg.quick() if quick else cfg)
 
 
 def main() -> None:
