@@ -51,6 +51,7 @@ class LabelRequest:
     sae: str
     features: str | None = None         # "A:B", half-open
     unlabeled: bool = False
+    indices: tuple[int, ...] | None = None  # or these features (callers that pick them, e.g. the demo)
     explainer: str = "baseline"
     simulator: str | None = None
     scorers: tuple[str, ...] = ("embedding",)
@@ -148,6 +149,20 @@ def send_chunks(app, chunks: list[Chunk]) -> None:
                         c.job_id, c.first, c.last, str(e)[:200])
 
 
+def select_features(req: LabelRequest, n: int) -> np.ndarray:
+    """The features a request names, sorted: a range, every feature (--unlabeled), or a list."""
+    if sum((req.features is not None, req.unlabeled, req.indices is not None)) != 1:
+        raise InputError(f"give one of --features A:B (SAE {req.sae!r} has features 0..{n - 1}) or --unlabeled")
+    if req.indices is not None:
+        picked = np.unique(np.asarray(req.indices, dtype=np.int64))
+        if len(picked) and (picked[0] < 0 or picked[-1] >= n):
+            raise InputError(f"feature {picked[0] if picked[0] < 0 else picked[-1]} is out of bounds: SAE "
+                             f"{req.sae!r} has features 0..{n - 1}")
+        return picked
+    lo, hi = parse_range(req.features, n, req.sae) if req.features else (0, n)
+    return np.arange(lo, hi, dtype=np.int64)
+
+
 def queue_job(conn: psycopg.Connection, req: LabelRequest, app) -> JobSummary:
     """Checks the request, writes the job and its items, sends its first chunks; returns its summary."""
     from .store.saes import n_features, require_sae
@@ -155,18 +170,15 @@ def queue_job(conn: psycopg.Connection, req: LabelRequest, app) -> JobSummary:
     s = get_settings()
     sid = require_sae(conn, req.sae)
     n = n_features(conn, sid)
-    if req.features is not None and req.unlabeled:
-        raise InputError("give --features A:B or --unlabeled, not both")
-    if req.features is None and not req.unlabeled:
-        raise InputError(f"give --features A:B (SAE {req.sae!r} has features 0..{n - 1}) or --unlabeled")
-    lo, hi = parse_range(req.features, n, req.sae) if req.features else (0, n)
     if req.budget_tokens is not None and req.budget_tokens <= 0:
         raise InputError(f"--budget-tokens must be a positive number of tokens, got {req.budget_tokens}")
+    wanted = select_features(req, n)
     check_specs(req)
     check_broker(app)
     version = explainer_version(req.explainer)
+    lo, hi = (int(wanted[0]), int(wanted[-1]) + 1) if len(wanted) else (0, 0)
     done = jobs.complete_features(conn, sid, req.explainer, version, scorer_pairs(req), lo, hi)
-    todo = np.setdiff1d(np.arange(lo, hi, dtype=np.int64), done, assume_unique=True)
+    todo = np.setdiff1d(wanted, done, assume_unique=True)
     params = JobParams(sae=req.sae, explainer=req.explainer, simulator=req.simulator, scorers=list(req.scorers),
                        prompt_version=version, window=s.job_window)
     job_id = jobs.create_job(conn, sid, params, todo, s.job_chunk_size, req.budget_tokens)

@@ -188,3 +188,20 @@ def test_a_job_no_worker_can_run_fails_with_the_reason_and_keeps_its_items_pendi
     states = conn.execute("SELECT state, count(*) FROM job_items WHERE job_id = %s GROUP BY 1",
                           (job.job_id,)).fetchall()
     assert states == [("queued", 10)]
+
+
+def test_a_list_of_features_is_labelled_once_each_and_checked_against_the_sae(conn, sae, env):
+    from sae.errors import InputError
+
+    req = LabelRequest(sae=sae, indices=(29, 3, 5, 5), explainer="openai:listed", simulator="openai:stub",
+                       scorers=("detection",))
+    job = queue_job(conn, req, broker_app())
+    assert job.n_items == 3
+    assert [r[0] for r in conn.execute("SELECT feature FROM job_items WHERE job_id = %s ORDER BY 1",
+                                       (job.job_id,))] == [3, 5, 29]
+    before = n_jobs(conn)
+    with pytest.raises(InputError, match="feature 30 is out of bounds"):
+        queue_job(conn, LabelRequest(sae=sae, indices=(1, 30)), broker_app())
+    with pytest.raises(InputError, match="give one of --features"):
+        queue_job(conn, LabelRequest(sae=sae, features="0:3", unlabeled=True), broker_app())
+    assert n_jobs(conn) == before
