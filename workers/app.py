@@ -19,7 +19,9 @@ from interp.settings import get_settings
 def make_app() -> Celery:
     s = get_settings()
     # a task may spend up to job_db_retry_s waiting for a restarted database before it writes and is acked
-    assert s.job_visibility_timeout_s > 2 * s.job_db_retry_s + s.job_lease_s, "raise JOB_VISIBILITY_TIMEOUT_S"
+    if s.job_visibility_timeout_s <= 2 * s.job_db_retry_s + s.job_lease_s:
+        raise RuntimeError(f"JOB_VISIBILITY_TIMEOUT_S={s.job_visibility_timeout_s} must exceed twice JOB_DB_RETRY_S "
+                           "plus JOB_LEASE_S, or Redis delivers a running task a second time")
     app = Celery("workers", broker=s.celery_broker_url, include=["workers.tasks"])
     app.conf.update(
         result_backend=None, task_ignore_result=True, task_store_errors_even_if_ignored=False,
