@@ -15,8 +15,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import psycopg
@@ -25,16 +25,7 @@ from sae.errors import InputError
 
 from . import prompts
 from .db import redact_url
-try:
-    from .records import LabelResult
-except ImportError:     # TEMP adapter until the llm branch (LabelResult, clients=) is on main: delete after merging
-    from pydantic import BaseModel as _B
-
-    from .records import Explanation, Score
-
-    class LabelResult(_B):
-        explanation: Explanation
-        scores: list[Score] = []
+from .records import LabelResult
 from .scorers import SCORERS
 from .settings import get_settings
 from .store import jobs
@@ -334,13 +325,7 @@ async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict,
         await asyncio.to_thread(with_db, jobs.release, job_id, job.sae_id, feats)
         return 0
     if fes:
-        import inspect  # TEMP adapter, see LabelResult above
-
-        if "clients" not in inspect.signature(label_features).parameters:
-            results = [LabelResult(explanation=e, scores=sc)
-                       for e, sc in await label_features(fes, p.explainer, p.simulator, p.scorers)]
-        else:
-            results = await label_features(fes, p.explainer, p.simulator, p.scorers, clients=clients)
+        results = await label_features(fes, p.explainer, p.simulator, p.scorers, clients=clients)
         outcomes += [outcome(r, p.scorers) for r in results]
     state = await asyncio.to_thread(_store, job_id, job.sae_id, outcomes)
     if state not in jobs.ACTIVE:

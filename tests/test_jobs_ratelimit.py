@@ -87,3 +87,35 @@ def test_redis_unreachable_means_unlimited_not_stuck():
         return time.monotonic() - t
 
     assert asyncio.run(go()) < 5
+
+
+def test_a_429_from_the_endpoint_holds_back_another_workers_calls(monkeypatch):
+    """Two workers' clients (each its own limiter and Redis connection) on one endpoint: the first gets a 429 with
+    Retry-After 1 s; the second, calling 0.3 s later, does not reach the endpoint before the second is over."""
+    from interp.ratelimit import limited_clients
+    from interp.settings import get_settings
+    from tests.stub_llm import Reply, StubLLM
+
+    with StubLLM(retry_after="1.0") as stub:
+        stub.responder = lambda body: Reply("Label: fine")
+        for k, v in {"REDIS_URL": REDIS, "OPENAI_BASE_URL": stub.url, "OPENAI_API_KEY": "sk-test",
+                     "LLM_MAX_RETRIES": "2"}.items():
+            monkeypatch.setenv(k, v)
+        get_settings.cache_clear()
+        msg = [{"role": "user", "content": "hi"}]
+
+        async def go():
+            async with limited_clients(["openai:m"]) as a, limited_clients(["openai:m"]) as b:
+                stub.fault("429")
+                first = asyncio.create_task(a["openai:m"].chat(msg))
+                await asyncio.sleep(0.3)
+                await b["openai:m"].chat(msg)
+                await first
+                return a["openai:m"].rate_limited
+
+        try:
+            assert asyncio.run(go()) == 1
+        finally:
+            get_settings.cache_clear()
+        t429, later = stub.request_times[0], sorted(stub.request_times[1:])
+        assert len(later) == 2 and later[0] - t429 >= 0.9     # neither the retry nor the other worker came sooner
