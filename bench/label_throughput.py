@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=3000, help="features labelled per throughput run")
     ap.add_argument("--concurrency", type=int, default=64, help="LLM calls in flight per worker process")
     ap.add_argument("--latency", type=float, default=0.1, help="seconds the stub takes per call")
-    ap.add_argument("--chunk", type=int, default=512, help="features per task")
+    ap.add_argument("--chunk", type=int, default=256, help="features per task")
     ap.add_argument("--scale", type=int, default=1_000_000, help="features in the queued-job test (0: skip)")
     ap.add_argument("--workers", default="1,2", help="worker process counts to run")
     ap.add_argument("--stub", type=int, help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ from .settings import get_settings
 
 log = logging.getLogger(__name__)
 _PREFIX = "interp:ratelimit"
+COOLDOWN_READ_S = 0.1
 
 
 def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
@@ -44,6 +45,7 @@ class FleetLimiter:
             self._limiter = MovingWindowRateLimiter(storage)
         self.cooldown_s = cooldown_s
         self.waited_s = 0.0
+        self._seen: dict[str, tuple[float, float]] = {}     # endpoint -> (read at, cool-down until)
         self._tasks: set[asyncio.Task] = set()
 
     async def acquire(self, endpoint: str, tokens: int) -> None:
@@ -61,9 +63,16 @@ class FleetLimiter:
             log.warning("rate limiter unavailable (%s); calling %s without the shared limit", str(e)[:120], endpoint)
 
     async def _wait_cooldown(self, endpoint: str) -> None:
-        until = await self._redis.get(f"{_PREFIX}:cooldown:{endpoint}")
-        if until is not None and float(until) > time.time():
-            await self._sleep(float(until) - time.time())
+        # the shared key is read at most every COOLDOWN_READ_S per process: a round trip to Redis for every call
+        # would cost a worker as much CPU as the call; a 429 elsewhere reaches this process that much later
+        now = time.time()
+        read_at, until = self._seen.get(endpoint, (0.0, 0.0))
+        if now - read_at > COOLDOWN_READ_S:
+            raw = await self._redis.get(f"{_PREFIX}:cooldown:{endpoint}")
+            until = float(raw) if raw is not None else 0.0
+            self._seen[endpoint] = (now, until)
+        if until > now:
+            await self._sleep(until - now)
 
     async def _sleep(self, s: float) -> None:
         self.waited_s += s
@@ -73,6 +82,7 @@ class FleetLimiter:
         """The hook the LLM client calls on every 429 (OpenAIClient's on_rate_limited): the whole fleet cools
         down for Retry-After, or settings.llm_cooldown_s without one."""
         until = time.time() + (retry_after if retry_after is not None else self.cooldown_s)
+        self._seen[endpoint] = (time.time(), max(until, self._seen.get(endpoint, (0.0, 0.0))[1]))
         task = asyncio.get_running_loop().create_task(self._set_cooldown(endpoint, until))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
