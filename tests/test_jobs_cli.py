@@ -205,3 +205,28 @@ def test_a_list_of_features_is_labelled_once_each_and_checked_against_the_sae(co
     with pytest.raises(InputError, match="give one of --features"):
         queue_job(conn, LabelRequest(sae=sae, features="0:3", unlabeled=True), broker_app())
     assert n_jobs(conn) == before
+
+
+def test_scores_of_a_new_label_are_not_filed_under_a_different_kept_label(conn, env):
+    from interp.records import Explanation, Score
+    from interp.store.labels import upsert_explanation, upsert_score
+
+    name = make_sae(conn, 3)
+    try:
+        sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()[0]
+        eid = upsert_explanation(conn, sid, Explanation(sae=name, index=0, label="an older label",
+                                                        explainer="openai:stub", prompt_version="explain-v1"))
+        upsert_score(conn, eid, Score(sae=name, index=0, scorer="detection", simulator="openai:stub",
+                                      prompt_version="detection-v1", label="an older label", method="json",
+                                      value=None, failure="2/2 batches failed: error: HTTP 500"))
+        job = queue_job(conn, LabelRequest(sae=name, features="0:3", explainer="openai:stub", scorers=("detection",)),
+                        broker_app())
+        assert job.n_items == 3                       # feature 0 lacks its score, so it is labelled again
+        run_all(job.job_id, 0, 2)
+        done = jobs.summaries(conn, job.job_id)[0]
+        assert (done.n_done, done.n_failed, done.failures) == (2, 1, {"label_changed": 1})
+        kept = conn.execute("SELECT e.label, s.value, s.failure FROM explanations e JOIN scores s ON s.explanation_id"
+                            " = e.id WHERE e.id = %s", (eid,)).fetchall()
+        assert kept == [("an older label", None, "2/2 batches failed: error: HTTP 500")]
+    finally:
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))

@@ -153,6 +153,12 @@ def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: Feature
     with conn.transaction():
         if out.explanation is not None:
             eid = upsert_explanation(conn, sid, out.explanation)
+            stored = conn.execute("SELECT label FROM explanations WHERE id = %s", (eid,)).fetchone()[0]
+            if out.scores and stored != out.explanation.label:
+                # a label kept from an earlier run (its scores had failed) differs from this run's: these scores
+                # rate another text and must not be filed under the kept one
+                out.scores, out.reason = [], "label_changed"
+                out.error = f"stored label {stored!r} differs from this run's {out.explanation.label!r}; not scored"
             for s in out.scores:
                 upsert_score(conn, eid, s)
         moved = conn.execute(
