@@ -137,6 +137,30 @@ def throughput(conn, n_workers: int, n_features: int, env: dict, stub_url: str, 
             "cpu_ms_per_feature": round(1000 * cpu / n_features, 2)}
 
 
+def bare_sdk(stub_url: str, calls: int, concurrency: int) -> dict:
+    """The calibration: the bare openai SDK (AsyncOpenAI) at the same concurrency against the same stub, with a
+    prompt of the explain prompt's size: requests/s and client CPU ms per request."""
+    import openai
+
+    msg = [{"role": "system", "content": "You label features. " * 40}, {"role": "user", "content": "x " * 400}]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=stub_url, api_key="bench", max_retries=0)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one():
+            async with sem:
+                await client.chat.completions.create(model="bench", messages=msg, max_tokens=60)
+
+        await asyncio.gather(*(one() for _ in range(calls)))
+        await client.close()
+
+    t, c = time.perf_counter(), time.process_time()
+    asyncio.run(run())
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"calls": calls, "requests_per_s": round(calls / wall, 1), "cpu_ms_per_request": round(1000 * cpu / calls, 2)}
+
+
 def scale(conn, n_features: int) -> dict:
     """Queue an n-feature job (the catalog rows are set up first, untimed), then cancel and drop it."""
     import redis
@@ -172,6 +196,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="features per task")
     ap.add_argument("--scale", type=int, default=1_000_000, help="features in the queued-job test (0: skip)")
     ap.add_argument("--workers", default="1,2", help="worker process counts to run")
+    ap.add_argument("--sdk-calls", type=int, default=3000, help="calls of the bare-SDK calibration (0: skip)")
     ap.add_argument("--stub", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.stub:
@@ -197,6 +222,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+        sdk = bare_sdk(stub_url, a.sdk_calls, a.concurrency) if a.sdk_calls else None
         with connect() as conn:
             migrate(conn)
             for n in [int(x) for x in a.workers.split(",") if x]:
@@ -211,11 +237,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['workers']:>7} {r['features_per_s']:>10} {r['ideal_features_per_s']:>7} {r['ratio_to_ideal']:>6} "
               f"{r['calls_per_feature']:>10} {r['cpu_ms_per_feature']:>11}")
+    if sdk:
+        print(f"bare openai SDK, same stub and concurrency: {sdk['requests_per_s']} requests/s "
+              f"(ideal {a.concurrency / a.latency:g}), {sdk['cpu_ms_per_request']} ms CPU per request")
     if big:
         print(f"queued a {big['features']:,}-feature job in {big['queue_seconds']} s; {big['messages_in_broker']} "
               f"messages in the broker, +{big['broker_memory_kib']} KiB broker memory")
     print(json.dumps({"bench": "label_throughput", "latency_s": a.latency, "concurrency": a.concurrency,
-                      "chunk": a.chunk, "throughput": rows, "scale": big}))
+                      "chunk": a.chunk, "throughput": rows, "bare_sdk": sdk, "scale": big}))
 
 
 if __name__ == "__main__":
