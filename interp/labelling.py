@@ -334,10 +334,15 @@ async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict,
 
 
 def _store(job_id: int, sid: int, outcomes: list[FeatureOutcome]) -> str:
-    state = "running"
-    for out in outcomes:
-        state = with_db(jobs.finish_feature, job_id, sid, out)
-    return state
+    """A batch's features, each in its own transaction, on one pooled connection; retried whole on a database
+    error (features already stored do not move again, so nothing counts twice)."""
+    def store_all(conn) -> str:
+        state = "running"
+        for out in outcomes:
+            state = jobs.finish_feature(conn, job_id, sid, out)
+        return state
+
+    return with_db(store_all)
 
 
 async def _renew(job_id: int, sid: int, feats: list[int]) -> None:

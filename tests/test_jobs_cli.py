@@ -230,3 +230,19 @@ def test_scores_of_a_new_label_are_not_filed_under_a_different_kept_label(conn, 
         assert kept == [("an older label", None, "2/2 batches failed: error: HTTP 500")]
     finally:
         conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+def test_the_offline_path_baseline_labels_and_embedding_scores(conn, env):
+    name = make_sae(conn, 4)
+    try:
+        job = queue_job(conn, LabelRequest(sae=name, features="0:4"), broker_app())   # baseline + embedding
+        assert run_all(job.job_id, 0, 3) == 4
+        done = jobs.summaries(conn, job.job_id)[0]
+        assert (done.state, done.n_done, done.tokens) == ("done", 4, 0)
+        rows = conn.execute("SELECT e.label, e.is_baseline, s.scorer, s.simulator, s.value FROM explanations e"
+                            " JOIN scores s ON s.explanation_id = e.id JOIN saes a ON a.id = e.sae_id"
+                            " WHERE a.name = %s ORDER BY e.feature", (name,)).fetchall()
+        assert [r[0] for r in rows] == [f'tokens "#{1000 + i}"' for i in range(4)]
+        assert {r[1:4] for r in rows} == {(True, "embedding", "minilm")} and all(0 <= r[4] <= 1 for r in rows)
+    finally:
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))

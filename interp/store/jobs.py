@@ -166,6 +166,7 @@ def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: Feature
             " WHERE job_id = %s AND sae_id = %s AND feature = %s AND state IN ('queued', 'running')",
             ("failed" if out.reason else "done", out.reason, out.error, job_id, sid, out.feature)).rowcount
         done, failed = (moved and not out.reason), (moved and bool(out.reason))
+        # tokens count with the item's move, so a repeated write (a retried transaction) never counts them twice
         return conn.execute(
             "UPDATE jobs SET tokens = tokens + %(t)s, n_done = n_done + %(d)s, n_failed = n_failed + %(f)s,"
             " updated = now(),"
@@ -178,7 +179,7 @@ def finish_feature(conn: psycopg.Connection, job_id: int, sid: int, out: Feature
             " finished = CASE WHEN state IN ('queued', 'running') AND n_done + n_failed + %(d)s + %(f)s >= n_items"
             "   THEN now() ELSE finished END"
             " WHERE id = %(job)s RETURNING state",
-            {"t": out.tokens, "d": int(done), "f": int(failed), "job": job_id}).fetchone()[0]
+            {"t": out.tokens if moved else 0, "d": int(done), "f": int(failed), "job": job_id}).fetchone()[0]
 
 
 def release(conn: psycopg.Connection, job_id: int, sid: int, features: list[int]) -> None:
