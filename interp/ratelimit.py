@@ -29,19 +29,20 @@ def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
 
 
 class FleetLimiter:
-    def __init__(self, redis_url: str, rpm: int, tpm: int, cooldown_s: float):
+    def __init__(self, redis_url: str, rpm: int, tpm: int, cooldown_s: float, connections: int = 128):
         import redis.asyncio as aioredis
         from limits import RateLimitItemPerMinute
         from limits.aio.storage import RedisStorage
         from limits.aio.strategies import MovingWindowRateLimiter
 
-        self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = aioredis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                        max_connections=connections)
         # (window, its limit, whether a call costs its tokens or 1)
         self._items = [(RateLimitItemPerMinute(n), n, per_token) for n, per_token in ((rpm, False), (tpm, True)) if n]
         self._limiter = None
         if self._items:
             storage = RedisStorage("async+" + redis_url, implementation="redispy", key_prefix=_PREFIX,
-                                   socket_timeout=2, socket_connect_timeout=2)
+                                   socket_timeout=2, socket_connect_timeout=2, max_connections=connections)
             self._limiter = MovingWindowRateLimiter(storage)
         self.cooldown_s = cooldown_s
         self.waited_s = 0.0
@@ -111,17 +112,21 @@ def endpoint_of(client) -> str:
 
 
 class LimitedClient:
-    """An LLM client whose every call first acquires the fleet's limits for its endpoint."""
+    """An LLM client whose every call first acquires the fleet's limits for its endpoint. The acquire happens
+    inside the client's concurrency limit: a call waiting for a free slot must not hold a share of the window
+    (nor a Redis connection) while it waits."""
 
-    def __init__(self, inner, limiter: FleetLimiter):
+    def __init__(self, inner, limiter: FleetLimiter, concurrency: int):
         self.inner, self.limiter, self.endpoint = inner, limiter, endpoint_of(inner)
+        self._slots = asyncio.Semaphore(concurrency)
 
     def __getattr__(self, name):        # spec, usage, grammar_ok... are the inner client's
         return getattr(self.inner, name)
 
     async def chat(self, messages: list[dict], **options):
-        await self.limiter.acquire(self.endpoint, estimate_tokens(messages, options.get("max_tokens", 256)))
-        return await self.inner.chat(messages, **options)
+        async with self._slots:
+            await self.limiter.acquire(self.endpoint, estimate_tokens(messages, options.get("max_tokens", 256)))
+            return await self.inner.chat(messages, **options)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -134,13 +139,14 @@ async def limited_clients(specs: list[str]):
     from .llm import make_client
 
     s = get_settings()
-    limiter = FleetLimiter(s.redis_url, s.llm_rpm, s.llm_tpm, s.llm_cooldown_s)
+    # every call in flight may hold a connection while it acquires
+    limiter = FleetLimiter(s.redis_url, s.llm_rpm, s.llm_tpm, s.llm_cooldown_s, connections=s.llm_concurrency + 8)
     clients: dict = {}
     try:
         for spec in dict.fromkeys(specs):
             if spec.startswith("openai:"):
                 inner = make_client(spec)
-                clients[spec] = limited = LimitedClient(inner, limiter)
+                clients[spec] = limited = LimitedClient(inner, limiter, inner.concurrency)
                 inner.on_rate_limited = lambda wait, c=limited: limiter.rate_limited(c.endpoint, wait)
             elif spec != "baseline":
                 clients[spec] = make_client(spec)
