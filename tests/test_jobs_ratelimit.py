@@ -119,3 +119,29 @@ def test_a_429_from_the_endpoint_holds_back_another_workers_calls(monkeypatch):
             get_settings.cache_clear()
         t429, later = stub.request_times[0], sorted(stub.request_times[1:])
         assert len(later) == 2 and later[0] - t429 >= 0.9     # neither the retry nor the other worker came sooner
+
+
+def test_calls_queued_behind_the_concurrency_limit_hold_no_limiter_resources(monkeypatch, caplog):
+    """300 calls at once through a client limited to 4 in flight: the limiter sees at most 4 at a time (a Redis
+    pool of 12 connections suffices) and never fails open."""
+    from interp.ratelimit import limited_clients
+    from interp.settings import get_settings
+    from tests.stub_llm import Reply, StubLLM
+
+    with StubLLM(latency_s=0.005) as stub:
+        stub.responder = lambda body: Reply("Label: fine")
+        for k, v in {"REDIS_URL": REDIS, "OPENAI_BASE_URL": stub.url, "OPENAI_API_KEY": "sk-test",
+                     "LLM_CONCURRENCY": "4", "LLM_RPM": "100000"}.items():
+            monkeypatch.setenv(k, v)
+        get_settings.cache_clear()
+
+        async def go():
+            async with limited_clients(["openai:m"]) as c:
+                await asyncio.gather(*(c["openai:m"].chat([{"role": "user", "content": "hi"}]) for _ in range(300)))
+
+        try:
+            asyncio.run(go())
+        finally:
+            get_settings.cache_clear()
+        assert len(stub.requests) == 300 and stub.max_in_flight <= 4
+        assert "rate limiter unavailable" not in caplog.text
