@@ -47,6 +47,7 @@ class FleetLimiter:
         self.cooldown_s = cooldown_s
         self.waited_s = 0.0
         self._seen: dict[str, tuple[float, float]] = {}     # endpoint -> (read at, cool-down until)
+        self._reads: dict[str, asyncio.Future] = {}          # endpoint -> the read in flight
         self._tasks: set[asyncio.Task] = set()
 
     async def acquire(self, endpoint: str, tokens: int) -> None:
@@ -64,16 +65,24 @@ class FleetLimiter:
             log.warning("rate limiter unavailable (%s); calling %s without the shared limit", str(e)[:120], endpoint)
 
     async def _wait_cooldown(self, endpoint: str) -> None:
-        # the shared key is read at most every COOLDOWN_READ_S per process: a round trip to Redis for every call
-        # would cost a worker as much CPU as the call; a 429 elsewhere reaches this process that much later
+        # the shared key is read at most every COOLDOWN_READ_S per process, by one read that every waiting call
+        # shares: a round trip to Redis per call would cost a worker as much CPU as the call itself; a 429
+        # elsewhere reaches this process that much later
         now = time.time()
         read_at, until = self._seen.get(endpoint, (0.0, 0.0))
         if now - read_at > COOLDOWN_READ_S:
-            raw = await self._redis.get(f"{_PREFIX}:cooldown:{endpoint}")
-            until = float(raw) if raw is not None else 0.0
-            self._seen[endpoint] = (now, until)
+            read = self._reads.get(endpoint)
+            if read is None or read.done():
+                read = self._reads[endpoint] = asyncio.ensure_future(self._read_cooldown(endpoint))
+            until = await read
         if until > now:
             await self._sleep(until - now)
+
+    async def _read_cooldown(self, endpoint: str) -> float:
+        raw = await self._redis.get(f"{_PREFIX}:cooldown:{endpoint}")
+        until = max(float(raw) if raw is not None else 0.0, self._seen.get(endpoint, (0.0, 0.0))[1])
+        self._seen[endpoint] = (time.time(), until)
+        return until
 
     async def _sleep(self, s: float) -> None:
         self.waited_s += s
