@@ -81,6 +81,9 @@ def redis_worker(stub, tmp_path_factory):
     w = start_worker(worker_env(**values), log=tmp_path_factory.mktemp("w") / "redis-worker.log", via_cli=True)
     yield values
     stop_worker(w)
+    import redis
+
+    redis.Redis.from_url(REDIS).delete(values["job_queue"])    # duplicates the sweeper sent, now never run
 
 
 def unlabel(conn, sae) -> None:
