@@ -115,18 +115,26 @@ def assert_exactly_once(conn, sae, lo, hi):
     assert {(r[1], r[2]) for r in rows} == {(1, 1)}
 
 
+def running(conn, job_id) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT feature FROM job_items WHERE job_id = %s AND state = 'running'",
+                                       (job_id,))]
+
+
 def test_kill_9_a_whole_worker_mid_job_then_a_new_worker_finishes_it(conn, sae, stub, as_settings, tmp_path):
     values = settings_for(stub, RABBIT)
     as_settings(values)
     env = worker_env(**values)
+    stub.latency_s = 0.1            # chunks long enough that the kill lands inside one
     first = start_worker(env, log=tmp_path / "w1.log")
     try:
         unlabel(conn, sae)
         j = label(conn, sae, "0:500")
-        wait_for(lambda: job(conn, j.job_id).n_done >= 100, 90, what="100 features done")
+        wait_for(lambda: job(conn, j.job_id).n_done >= 100 and running(conn, j.job_id), 90,
+                 what="100 features done and a chunk in a worker")
         kill_group(first)
+        in_flight = running(conn, j.job_id)       # exact: nothing alive can change them now
         at_kill = job(conn, j.job_id)
-        assert at_kill.state == "running" and at_kill.n_done < 500
+        assert in_flight and at_kill.state == "running" and at_kill.n_done < 500
         t = time.monotonic()
         second = start_worker(env, log=tmp_path / "w2.log")
         try:
@@ -135,14 +143,16 @@ def test_kill_9_a_whole_worker_mid_job_then_a_new_worker_finishes_it(conn, sae, 
             stop_worker(second)
         assert time.monotonic() - t < 120
     finally:
+        stub.latency_s = 0.02
         kill_group(first)
         with broker_app().connection_for_write() as c:
             c.default_channel.queue_delete(values["job_queue"])
     assert (final.state, final.n_done, final.n_failed) == ("done", 500, 0)
     assert_exactly_once(conn, sae, 0, 500)
-    # the killed worker's chunks came back through their leases, and ran a second time
-    assert conn.execute("SELECT count(*) FROM job_items WHERE job_id = %s AND attempts > 1",
-                        (j.job_id,)).fetchone()[0] > 0
+    # the items the killed worker held came back through their leases and were claimed a second time
+    again = conn.execute("SELECT count(*) FROM job_items WHERE job_id = %s AND feature = ANY(%s) AND attempts > 1",
+                         (j.job_id, in_flight)).fetchone()[0]
+    assert again == len(in_flight)
 
 
 def test_a_flaky_llm_job_completes_with_failures_counted_by_reason(conn, sae, stub, redis_worker, as_settings):
