@@ -158,7 +158,8 @@ def bare_sdk(stub_url: str, calls: int, concurrency: int) -> dict:
     t, c = time.perf_counter(), time.process_time()
     asyncio.run(run())
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    return {"calls": calls, "requests_per_s": round(calls / wall, 1), "cpu_ms_per_request": round(1000 * cpu / calls, 2)}
+    return {"calls": calls, "requests_per_s": round(calls / wall, 1),
+            "cpu_ms_per_request": round(1000 * cpu / calls, 2)}
 
 
 def scale(conn, n_features: int) -> dict:
