@@ -218,17 +218,19 @@ def llm_spec(started: Started) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- jobs
-def queue_jobs(conn, app, cfg: DemoConfig, spec: str) -> list[int]:
+def queue_jobs(conn, app, cfg: DemoConfig, spec: str) -> tuple[list[int], list[int]]:
     """The two jobs, through `interp label`'s own path: baseline + embedding over every feature, and the LLM
-    with the simulation scorer over the densest features (they have full example sets)."""
+    with the simulation scorer over the densest features (they have full example sets). Returns the job ids
+    and the LLM's features."""
     from interp.labelling import LabelRequest, queue_job
     from interp.store.saes import densest_features
 
+    picked = densest_features(conn, cfg.name, cfg.llm_features)
     base = queue_job(conn, LabelRequest(sae=cfg.name, unlabeled=True, explainer="baseline",
                                         scorers=("embedding",)), app)
-    llm = queue_job(conn, LabelRequest(sae=cfg.name, indices=tuple(densest_features(conn, cfg.name, cfg.llm_features)),
-                                       explainer=spec, scorers=("simulation",)), app)
-    return [base.job_id, llm.job_id]
+    llm = queue_job(conn, LabelRequest(sae=cfg.name, indices=tuple(picked), explainer=spec,
+                                       scorers=("simulation",)), app)
+    return [base.job_id, llm.job_id], picked
 
 
 ENDED = ("done", "failed", "cancelled", "paused")
@@ -330,11 +332,11 @@ def run(cfg: DemoConfig) -> None:
                 spec, where = llm_spec(started)
                 note.append(where)
             with steps.step("queueing and running the labelling jobs") as note:
-                job_ids = queue_jobs(conn, app, cfg, spec)
+                job_ids, llm_features = queue_jobs(conn, app, cfg, spec)
                 jobs = wait_jobs(conn, job_ids)
                 note.append("; ".join(f"job {j.job_id} {j.state}: {j.n_done} done, {j.n_failed} failed, "
                                       f"{j.tokens:,} tokens" for j in jobs))
-            show_results(conn, cfg, spec, [i for i in _job_features(conn, job_ids[1])])
+            show_results(conn, cfg, spec, llm_features)
         typer.echo(f"\ndemo finished in {steps.total():.0f} s")
     except KeyboardInterrupt:
         with contextlib.suppress(Exception), connect() as conn:
@@ -343,9 +345,3 @@ def run(cfg: DemoConfig) -> None:
         raise
     finally:
         started.stop()
-
-
-def _job_features(conn, job_id: int) -> list[int]:
-    from interp.store.jobs import job_features
-
-    return job_features(conn, job_id)
