@@ -1,0 +1,120 @@
+"""The semantic arm's nearest-neighbour index: a usearch file beside the catalog, derived from the label
+embeddings that Postgres keeps (the source of truth), so it can be deleted and rebuilt at any time.
+
+The file records the catalog it was built from (search_catalog.uuid) and the last embedding seq it holds. At
+each search, labels stored since then are embedded with MiniLM (a bounded number per search) and added
+incrementally; a file for another catalog, or an unreadable one, is rebuilt from Postgres. Updates take a file
+lock and are written to a temporary sibling and renamed, so a concurrent reader sees the old file or the new one.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from interp.store import search as store
+
+EMBED_MODEL = "minilm"          # the sentence-transformers MiniLM of interp.scorers.minilm_encoder
+EMBED_PER_SEARCH = 2000         # labels embedded at one search; the rest wait for the next one (about 2 s of CPU)
+
+
+class SemanticUnavailable(Exception):
+    """The semantic arm cannot run; the message says why in one line, and search goes on with the text arms."""
+
+
+def meta_path(index_dir: str, catalog: str) -> Path:
+    """The file that names the current index file of a catalog and the last embedding seq it holds. Replacing
+    it is the one atomic step of an update, so the pair (index, seq) is never torn by a crash."""
+    return Path(index_dir).expanduser() / f"labels-{catalog}.json"
+
+
+def embed(texts: list[str], encoder) -> np.ndarray:
+    return encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64).astype(np.float32)
+
+
+def load_encoder():
+    try:
+        from interp.scorers import minilm_encoder
+
+        return minilm_encoder()
+    except Exception as e:  # noqa: BLE001 - any failure to load the model means "no semantic arm", said once
+        raise SemanticUnavailable(f"the MiniLM model cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def embed_pending(conn: psycopg.Connection, encoder, limit: int = EMBED_PER_SEARCH) -> int:
+    """Embeds up to `limit` labels that have no embedding yet and stores them; returns how many."""
+    rows = store.unembedded_labels(conn, limit)
+    if rows:
+        store.store_embeddings(conn, [r[0] for r in rows], embed([r[1] for r in rows], encoder), EMBED_MODEL)
+    return len(rows)
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+        return meta if (path.parent / meta["file"]).exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
+    """The usearch index holding every stored embedding: loaded, caught up incrementally, or rebuilt. Returns it."""
+    from usearch.index import Index
+
+    catalog = store.catalog_uuid(conn)
+    path = meta_path(index_dir, catalog)
+    try:
+        with _locked(path):
+            meta = _read_meta(path)
+            if meta is not None and not rebuild:
+                index = Index.restore(str(path.parent / meta["file"]))
+                seq = int(meta["seq"])
+            else:
+                index, seq = None, 0
+            added = 0
+            for ids, vecs, last in store.embeddings_since(conn, seq):
+                if index is None:
+                    index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16")
+                index.add(ids, vecs, log=False)
+                seq, added = last, added + len(ids)
+            if index is not None and (added or rebuild or meta is None):
+                _save(index, path, {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}, meta)
+            return index
+    except OSError as e:
+        raise SemanticUnavailable(f"the label index at {path} cannot be written ({e.strerror or e})") from None
+
+
+def _save(index, path: Path, meta: dict, old: dict | None) -> None:
+    """A new index file under its own name, then the meta file replaced to point at it, then the old file gone."""
+    meta["file"] = f"{path.stem}-{meta['seq']}.usearch"
+    index.save(str(path.parent / meta["file"]))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+    if old is not None and old.get("file") != meta["file"]:
+        (path.parent / old["file"]).unlink(missing_ok=True)
+
+
+def nearest(index, vec: np.ndarray, k: int) -> list[int]:
+    """Explanation ids nearest to `vec`, best first."""
+    if index is None or len(index) == 0:
+        return []
+    matches = index.search(vec.astype(np.float32), min(k, len(index)))
+    return [int(x) for x in matches.keys]
+
