@@ -20,9 +20,10 @@ import psycopg
 from interp.store import search as store
 
 EMBED_MODEL = "minilm"          # the sentence-transformers MiniLM of interp.scorers.minilm_encoder
-# MiniLM cosine below which a neighbour is unrelated (measured: "car" -> "automobiles and trucks" 0.65,
-# "kitty" -> "cats and kittens" 0.63, unrelated labels 0.0-0.27), so nonsense queries get no semantic hits
-MIN_SIMILARITY = 0.3
+# MiniLM cosine below which a neighbour is unrelated, so nonsense queries get no semantic hits. Measured on
+# the test labels: "car" -> "automobiles and trucks" 0.65, "feline" -> "cats and kittens" 0.57, "%" -> "percent
+# signs in tables" 0.39; unrelated pairs 0.0-0.31 ("bridges" -> "automobiles and trucks")
+MIN_SIMILARITY = 0.35
 EMBED_PER_SEARCH = 2000         # labels embedded at one search; the rest wait for the next one (about 2 s of CPU)
 
 
@@ -114,10 +115,11 @@ def _save(index, path: Path, meta: dict, old: dict | None) -> None:
         (path.parent / old["file"]).unlink(missing_ok=True)
 
 
-def nearest(index, vec: np.ndarray, k: int, min_similarity: float = MIN_SIMILARITY) -> list[int]:
-    """Explanation ids nearest to `vec` (at most k, cosine at least min_similarity), best first."""
+def nearest(index, vec: np.ndarray, k: int, min_similarity: float = MIN_SIMILARITY) -> list[tuple[int, float]]:
+    """(explanation id, cosine) nearest to `vec`: at most k, cosine at least min_similarity, best first."""
     if index is None or len(index) == 0:
         return []
     matches = index.search(vec.astype(np.float32), min(k, len(index)))
-    return [int(key) for key, dist in zip(matches.keys, matches.distances) if 1.0 - dist >= min_similarity]
+    return [(int(key), 1.0 - float(dist)) for key, dist in zip(matches.keys, matches.distances)
+            if 1.0 - dist >= min_similarity]
 

@@ -7,7 +7,7 @@ word_similarity, cosine): each arm only contributes 1 / (RRF_K + rank) for the l
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 from pydantic import BaseModel
@@ -21,12 +21,24 @@ MAX_QUERY_CHARS = 1000   # labels are a sentence; a longer query is a mistake, a
 MAX_LIMIT = 1000
 
 
-def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
-    """Reciprocal rank fusion: each key scores the sum over the rankings that hold it of 1 / (k + rank),
-    rank counted from 1."""
+def ranks(ranked: Sequence[tuple[int, float]]) -> dict[int, int]:
+    """Competition ranks ("1224") of (key, relevance) pairs sorted best first: equal relevance, equal rank, so
+    that two labels an arm cannot tell apart fuse equal and are then ordered by score."""
+    out: dict[int, int] = {}
+    prev = None
+    for pos, (key, rel) in enumerate(ranked, start=1):
+        if rel != prev:
+            rank, prev = pos, rel
+        out[key] = rank
+    return out
+
+
+def rrf(rankings: Sequence[Mapping[int, int]], k: int = RRF_K) -> dict[int, float]:
+    """Reciprocal rank fusion: each key scores the sum over the rankings (key -> rank, from 1) that hold it of
+    1 / (k + rank)."""
     fused: dict[int, float] = {}
     for ranking in rankings:
-        for rank, key in enumerate(ranking, start=1):
+        for key, rank in ranking.items():
             fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
     return fused
 
@@ -85,7 +97,7 @@ def build_filters(conn: psycopg.Connection, sae: str | None, scorer: str | None,
 
 
 def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
-                 n: int = store.TOP_N) -> list[int]:
+                 n: int = store.TOP_N) -> store.Ranked:
     """Nearest labels to the query's MiniLM embedding. The usearch index cannot filter, so it is asked for
     more neighbours when filters are set, and the filters then apply in SQL on those."""
     from interp import label_index
@@ -94,8 +106,8 @@ def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index
     label_index.embed_pending(conn, encoder)
     index = label_index.sync_index(conn, index_dir)
     filtered = flt != store.Filters()
-    ids = label_index.nearest(index, label_index.embed([query], encoder)[0], n * (10 if filtered else 1))
-    return store.filter_ids(conn, ids, flt, n)
+    near = label_index.nearest(index, label_index.embed([query], encoder)[0], n * (10 if filtered else 1))
+    return store.filter_ranked(conn, near, flt, n)
 
 
 def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, scorer: str | None = None,
@@ -116,7 +128,7 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
             arms.append(semantic_arm(conn, query, flt, index_dir or get_search_settings().search_index_dir))
         except SemanticUnavailable as e:
             warn(f"semantic search is off: {e}; using full text and trigram only")
-    fused = rrf(arms)
+    fused = rrf([ranks(arm) for arm in arms])
     hits = store.label_hits(conn, list(fused))
 
     def order(h: store.LabelHit):

@@ -57,18 +57,22 @@ class Filters:
         return sql.SQL(" AND ").join(parts), params
 
 
-def fulltext_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL) -> list[int]:
+Ranked = list[tuple[int, float]]   # (explanation id, the arm's own relevance), best first
+
+
+def fulltext_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL) -> Ranked:
     """Explanation ids matching `query` (websearch syntax: words, "phrases", or, -not) by the stored tsvector,
     best ts_rank first among at most `pool` candidates. A query of stop words alone matches nothing."""
     where, params = flt.where()
     stmt = sql.SQL(
-        "SELECT c.id FROM (SELECT e.id, e.label_tsv FROM explanations e"
+        "SELECT c.id, ts_rank(c.label_tsv, websearch_to_tsquery('english', %(q)s)) AS r FROM"
+        " (SELECT e.id, e.label_tsv FROM explanations e"
         " WHERE e.label_tsv @@ websearch_to_tsquery('english', %(q)s) AND {where} LIMIT %(pool)s) c"
-        " ORDER BY ts_rank(c.label_tsv, websearch_to_tsquery('english', %(q)s)) DESC, c.id LIMIT %(n)s"
+        " ORDER BY r DESC, c.id LIMIT %(n)s"
     ).format(where=where)
     if conn.execute("SELECT numnode(websearch_to_tsquery('english', %s))", (query,)).fetchone()[0] == 0:
         return []
-    return [r[0] for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
+    return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
 
 
 def has_trigrams(conn: psycopg.Connection, query: str) -> bool:
@@ -76,28 +80,29 @@ def has_trigrams(conn: psycopg.Connection, query: str) -> bool:
     return bool(conn.execute("SELECT cardinality(show_trgm(%s)) > 0", (query,)).fetchone()[0])
 
 
-def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL) -> list[int]:
+def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL) -> Ranked:
     """Explanation ids whose label contains a stretch similar to `query` (`<%`, word_similarity at pg_trgm's
     threshold, 0.6 by default), so substrings and typos match: "golden gat" finds "Golden Gate Bridge"."""
     if not has_trigrams(conn, query):
         return []
     where, params = flt.where()
     stmt = sql.SQL(
-        "SELECT c.id FROM (SELECT e.id, e.label FROM explanations e WHERE %(q)s <%% e.label AND {where}"
-        " LIMIT %(pool)s) c ORDER BY word_similarity(%(q)s, c.label) DESC, c.id LIMIT %(n)s"
+        "SELECT c.id, word_similarity(%(q)s, c.label) AS r FROM (SELECT e.id, e.label FROM explanations e"
+        " WHERE %(q)s <%% e.label AND {where} LIMIT %(pool)s) c ORDER BY r DESC, c.id LIMIT %(n)s"
     ).format(where=where)
-    return [r[0] for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
+    return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
 
 
-def filter_ids(conn: psycopg.Connection, ids: list[int], flt: Filters, n: int = TOP_N) -> list[int]:
-    """The semantic arm's SQL half: of the nearest-neighbour `ids` (best first), those that pass the filters and
-    still exist, in the same order, at most n."""
-    if not ids:
+def filter_ranked(conn: psycopg.Connection, ranked: Ranked, flt: Filters, n: int = TOP_N) -> Ranked:
+    """The semantic arm's SQL half: of the nearest neighbours (best first), those that pass the filters and still
+    exist, in the same order, at most n."""
+    if not ranked:
         return []
     where, params = flt.where()
     stmt = sql.SQL("SELECT e.id FROM explanations e JOIN unnest(%(ids)s::bigint[]) WITH ORDINALITY k(id, pos)"
                    " ON e.id = k.id WHERE {where} ORDER BY k.pos LIMIT %(n)s").format(where=where)
-    return [r[0] for r in conn.execute(stmt, {**params, "ids": ids, "n": n})]
+    keep = {r[0] for r in conn.execute(stmt, {**params, "ids": [i for i, _ in ranked], "n": n})}
+    return [(i, s) for i, s in ranked if i in keep]
 
 
 # ---------------------------------------------------------------- label embeddings (source of truth)
