@@ -113,9 +113,9 @@ def write_parquet(batches: Iterator[list[store.ExportFeature]], tmp: Path, with_
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for feats in batches:
             pending.extend(feature_dict(f) for f in feats)
-            if len(pending) >= ROW_GROUP:
-                writer.write_table(pa.Table.from_pylist(pending, schema=schema), row_group_size=ROW_GROUP)
-                pending = []
+            while len(pending) >= ROW_GROUP:
+                writer.write_table(pa.Table.from_pylist(pending[:ROW_GROUP], schema=schema), row_group_size=ROW_GROUP)
+                pending = pending[ROW_GROUP:]
         if pending:
             writer.write_table(pa.Table.from_pylist(pending, schema=schema), row_group_size=ROW_GROUP)
 
