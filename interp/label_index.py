@@ -77,31 +77,53 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
-    """The usearch index holding every stored embedding: loaded, caught up incrementally, or rebuilt. Returns it."""
-    from usearch.index import Index
+_OPEN: dict[Path, tuple[str, object]] = {}   # meta path -> (index file, index) kept open by this process
 
+
+def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
+    """The usearch index holding every stored embedding, or None when there is none. Up to date: opened
+    memory-mapped (instant whatever its size) and kept open; behind: loaded, caught up and saved under the
+    lock; for another catalog, unreadable or `rebuild`: rebuilt from Postgres."""
     catalog = store.catalog_uuid(conn)
     path = meta_path(index_dir, catalog)
     try:
+        meta = None if rebuild else _read_meta(path)
+        if meta is not None and store.last_seq(conn) == meta["seq"]:
+            return _view(path, meta["file"])
         with _locked(path):
-            meta = _read_meta(path)
-            if meta is not None and not rebuild:
-                index = Index.restore(str(path.parent / meta["file"]))
-                seq = int(meta["seq"])
-            else:
-                index, seq = None, 0
-            added = 0
-            for ids, vecs, last in store.embeddings_since(conn, seq):
-                if index is None:
-                    index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16")
-                index.add(ids, vecs, log=False)
-                seq, added = last, added + len(ids)
-            if index is not None and (added or rebuild or meta is None):
-                _save(index, path, {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}, meta)
-            return index
+            return _catch_up(conn, path, catalog, rebuild)
     except OSError as e:
         raise SemanticUnavailable(f"the label index at {path} cannot be written ({e.strerror or e})") from None
+
+
+def _view(path: Path, file: str):
+    from usearch.index import Index
+
+    cached = _OPEN.get(path)
+    if cached is None or cached[0] != file:
+        cached = _OPEN[path] = (file, Index.restore(str(path.parent / file), view=True))
+    return cached[1]
+
+
+def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool):
+    from usearch.index import Index
+
+    meta = _read_meta(path)       # again, under the lock: another process may have caught up meanwhile
+    if meta is not None and not rebuild:
+        index, seq = Index.restore(str(path.parent / meta["file"])), int(meta["seq"])
+    else:
+        index, seq = None, 0
+    added = 0
+    for ids, vecs, last in store.embeddings_since(conn, seq):
+        if index is None:
+            index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16")
+        index.add(ids, vecs, log=False)
+        seq, added = last, added + len(ids)
+    if index is not None and (added or rebuild or meta is None):
+        new = {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}
+        _save(index, path, new, meta)
+        _OPEN[path] = (new["file"], index)
+    return index
 
 
 def _save(index, path: Path, meta: dict, old: dict | None) -> None:

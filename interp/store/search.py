@@ -120,6 +120,8 @@ def store_embeddings(conn: psycopg.Connection, ids: list[int], vecs: np.ndarray,
     """Idempotent: COPY into a staging table, then insert the ids not stored yet (COPY has no ON CONFLICT)."""
     v16 = np.ascontiguousarray(vecs, dtype="<f2")
     with conn.transaction():
+        # one writer at a time, so seq order is commit order and an index caught up to seq S misses nothing below
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('label_embeddings'))")
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS stage_emb (explanation_id bigint, vec bytea) ON COMMIT DROP")
         with conn.cursor().copy("COPY stage_emb FROM STDIN") as cp:
             for i, v in zip(ids, v16):
@@ -128,6 +130,10 @@ def store_embeddings(conn: psycopg.Connection, ids: list[int], vecs: np.ndarray,
                      " s.vec FROM stage_emb s JOIN explanations e ON e.id = s.explanation_id ORDER BY 1"
                      " ON CONFLICT (explanation_id) DO NOTHING", (model, v16.shape[1]))
         conn.execute("UPDATE explanations e SET embedded = true FROM stage_emb s WHERE e.id = s.explanation_id")
+
+
+def last_seq(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT coalesce(max(seq), 0) FROM label_embeddings").fetchone()[0]
 
 
 def embeddings_since(conn: psycopg.Connection, seq: int, batch: int = 50_000):
