@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ def embed(texts: list[str], encoder) -> np.ndarray:
     return encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
 def load_encoder():
+    """MiniLM, loaded once per process (a load costs about a second; a query embedding a few ms)."""
     try:
         from interp.scorers import minilm_encoder
 

@@ -119,7 +119,11 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         raise InputError(f"--limit must be between 1 and {MAX_LIMIT}, got {limit}")
     query = clean_query(text)
     flt = build_filters(conn, sae, scorer, min_score, density)
-    arms = [store.fulltext_arm(conn, query, flt), store.trigram_arm(conn, query, flt)]
+    arms = [store.fulltext_arm(conn, query, flt)]
+    # Trigrams are for typos and substrings. A query whose words are common lexemes already fills the full-text
+    # arm, and its trigrams are common too: their GIN posting lists are the longest, so the arm is skipped.
+    if len(arms[0]) < store.TOP_N:
+        arms.append(store.trigram_arm(conn, query, flt))
     if semantic:
         from interp.label_index import SemanticUnavailable
         from interp.settings import get_search_settings

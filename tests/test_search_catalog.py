@@ -234,3 +234,22 @@ def test_bad_input_is_one_line(conn, sae, cli, args, expect):
     code, out, err = cli("search", *args, "--json")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and expect in err
+
+
+def test_bulk_copy_round_trips_awkward_text_and_scores(conn):
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    awkward = 'tab\there, back\\slash, "quotes", {braces,commas}\nnew line \u00e9\u6f22'
+    name, sid = make_sae(conn, {})
+    try:
+        n = copy_labels(conn, sid, [ScoredLabel(0, awkward, scores={"embedding": 0.25, 'odd "name",': 0.5}),
+                                    ScoredLabel(1, "plain", scores={})])
+        assert n == 2
+        hits = {h.index: h for h in store.label_hits(conn, [i for i, _ in store.trigram_arm(
+            conn, "back slash quotes", store.Filters(sae_id=sid))])}
+        assert hits[0].label == awkward and hits[0].scores == {"embedding": 0.25, 'odd "name",': 0.5}
+        assert copy_labels(conn, sid, [ScoredLabel(0, "other", scores={"embedding": 0.9})]) == 1
+        again = store.label_hits(conn, [hits[0].id])[0]
+        assert again.label == awkward and again.scores["embedding"] == 0.25     # a stored label is kept
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
