@@ -161,14 +161,16 @@ def latency(conn, name: str, vocab: list[str], index_dir: str, n_queries: int) -
             "typo_in_top10": PLANTED[0] in typo, "synonym_in_top10": PLANTED[1] in syn}
 
 
+# The child reads its peak RSS from VmHWM: ru_maxrss survives execve on Linux, so a child of this process (which
+# holds MiniLM) would report the parent's peak.
 CHILD = """
-import json, resource, sys, time
+import json, re, sys
 from interp.db import connect
 from interp.export import export
 with connect() as conn:
     s = export(conn, sys.argv[1], sys.argv[2], sys.argv[3])
-print(json.dumps({"seconds": s.seconds, "features": s.features,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+print(json.dumps({"seconds": s.seconds, "features": s.features, "peak_rss_mib": hwm / 1024}))
 """
 
 

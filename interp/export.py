@@ -17,6 +17,7 @@ files of NP_BATCH features each:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -86,6 +87,45 @@ def write_jsonl(batches: Iterator[list[store.ExportFeature]], tmp: Path) -> None
     with open(tmp, "w", encoding="utf-8") as fh:
         for feats in batches:
             fh.write("".join(json.dumps(feature_dict(f), ensure_ascii=False) + "\n" for f in feats))
+
+
+def write_json_lines(lines: Iterator[bytes], tmp: Path) -> int:
+    n = 0
+    with open(tmp, "wb") as fh:
+        for line in lines:
+            fh.write(line)
+            n += 1
+    return n
+
+
+def write_parquet_lines(lines: Iterator[bytes], tmp: Path) -> int:
+    """Parquet from the JSON lines: ROW_GROUP lines at a time parsed by Arrow's JSON reader against the explicit
+    schema (C++, no Python object per value) and written as one row group."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    schema = parquet_schema(False)
+    opts = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    n = 0
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for group in _groups(lines, ROW_GROUP):
+            block = b"".join(group)
+            table = pj.read_json(io.BytesIO(block), parse_options=opts,
+                                 read_options=pj.ReadOptions(block_size=max(len(block), 1 << 20)))
+            writer.write_table(table.select(schema.names).cast(schema), row_group_size=ROW_GROUP)
+            n += len(group)
+    return n
+
+
+def _groups(items: Iterator, size: int) -> Iterator[list]:
+    group = []
+    for x in items:
+        group.append(x)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def parquet_schema(with_examples: bool):
@@ -161,7 +201,12 @@ def export(conn: psycopg.Connection, sae: str, fmt: str, out: str, *, min_score:
     examples = with_examples or fmt == "neuronpedia"   # Neuronpedia's dashboards are built on the snippets
     with atomic_target(out, is_dir=fmt == "neuronpedia") as tmp:
         batches = counted(store.stream_features(conn, sae, sid, flt, with_examples=examples, batch=batch))
-        if fmt == "jsonl":
+        if fmt in ("jsonl", "parquet") and not examples:
+            # the fast path: Postgres writes the JSON, Python moves bytes (and Arrow parses them for parquet)
+            write = write_json_lines if fmt == "jsonl" else write_parquet_lines
+            counts["features"] = write(store.feature_json_lines(conn, sae, sid, flt), tmp)
+            counts["explanations"] = store.count_labels(conn, sid, flt)
+        elif fmt == "jsonl":
             write_jsonl(batches, tmp)
         elif fmt == "parquet":
             write_parquet(batches, tmp, examples)

@@ -206,15 +206,18 @@ def test_no_secret_in_any_export(conn, sae, tmp_path, monkeypatch):
 
 def test_interrupted_export_leaves_no_file(conn, sae, tmp_path, monkeypatch):
     name, _ = sae
-    real = store.stream_features
 
-    def interrupted(*args, **kwargs):
-        for n, batch in enumerate(real(*args, **kwargs)):
-            if n == 2:
-                raise KeyboardInterrupt
-            yield batch
+    def interrupting(real, after):
+        def run(*args, **kwargs):
+            for n, item in enumerate(real(*args, **kwargs)):
+                if n == after:
+                    raise KeyboardInterrupt
+                yield item
+        return run
 
-    monkeypatch.setattr(store, "stream_features", interrupted)
+    # both streams: records (csv, neuronpedia) and COPY'd JSON lines (jsonl, parquet)
+    monkeypatch.setattr(store, "stream_features", interrupting(store.stream_features, 2))
+    monkeypatch.setattr(store, "feature_json_lines", interrupting(store.feature_json_lines, 30))
     monkeypatch.setattr(store, "BATCH", 10)
     monkeypatch.setattr(exporter, "NP_BATCH", 10)
     for fmt in exporter.FORMATS:

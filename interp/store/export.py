@@ -1,5 +1,6 @@
-"""Reading a whole SAE's scored catalog out, streamed: a server-side (named) cursor hands the rows over
-`itersize` at a time, so the exporter's memory is one batch whatever the SAE's size. Postgres builds each
+"""Reading a whole SAE's scored catalog out, streamed: either finished JSON lines by COPY TO STDOUT (jsonl and
+parquet), or records from a server-side (named) cursor that hands the rows over `itersize` at a time (csv,
+neuronpedia, and anything with examples), so the exporter's memory is one batch whatever the SAE's size. Postgres builds each
 feature's explanations (with their scores) as JSON in the same query, through the unique indexes on
 explanations (sae_id, feature, ...) and scores (explanation_id, ...), so one round trip serves a batch.
 
@@ -61,9 +62,10 @@ class ExportFeature:
     bottom_logit_vals: list[float] | None = None
 
 
-def _query(flt: Filters) -> tuple[sql.Composable, dict]:
-    """One row per feature of the SAE, in index order; with a score filter, only the features that have a
-    qualifying label, and only those labels. A scorer filter also narrows each label's scores to it."""
+def _parts(flt: Filters) -> tuple[sql.Composable, sql.Composable, dict]:
+    """The explanations of feature `f` as a JSON list (label fields and their scores), and the condition on
+    features. With a score filter only the features that have a qualifying label are kept, with only those
+    labels; a scorer filter also narrows each label's scores to that scorer."""
     where, params = flt.where("e")
     score_cond = sql.SQL("s.explanation_id = e.id AND s.value IS NOT NULL")
     if flt.scorer is not None:
@@ -75,13 +77,11 @@ def _query(flt: Filters) -> tuple[sql.Composable, dict]:
         " 'value', s.value, 'method', s.method) ORDER BY s.scorer, s.simulator), '[]') FROM scores s WHERE {sc}))"
         " ORDER BY e.id), '[]') FROM explanations e WHERE e.sae_id = f.sae_id AND e.feature = f.idx AND {where})"
     ).format(sc=score_cond, where=where)
-    scored = flt.scorer is not None or flt.min_score is not None
-    having = sql.SQL(" AND EXISTS (SELECT 1 FROM explanations e WHERE e.sae_id = f.sae_id AND e.feature = f.idx"
-                     " AND {where})").format(where=where) if scored else sql.SQL("")
-    stmt = sql.SQL("SELECT f.idx, f.density, f.max_act, f.mean_act, f.hist, f.hist_max, f.top_logits,"
-                   " f.top_logit_vals, f.bottom_logits, f.bottom_logit_vals, {expl} FROM features f"
-                   " WHERE f.sae_id = %(sid)s{having} ORDER BY f.idx").format(expl=expl, having=having)
-    return stmt, params
+    cond = sql.SQL("f.sae_id = %(sid)s")
+    if flt.scorer is not None or flt.min_score is not None:
+        cond = sql.SQL("{} AND EXISTS (SELECT 1 FROM explanations e WHERE e.sae_id = f.sae_id AND e.feature = f.idx"
+                       " AND {where})").format(cond, where=where)
+    return expl, cond, params
 
 
 def _explanations(items: list[dict]) -> list[ExportExplanation]:
@@ -94,7 +94,10 @@ def _explanations(items: list[dict]) -> list[ExportExplanation]:
 def stream_features(conn: psycopg.Connection, sae: str, sid: int, flt: Filters,
                     with_examples: bool = False, batch: int = BATCH) -> Iterator[list[ExportFeature]]:
     """The SAE's features in index order, `batch` at a time."""
-    stmt, params = _query(flt)
+    expl, cond, params = _parts(flt)
+    stmt = sql.SQL("SELECT f.idx, f.density, f.max_act, f.mean_act, f.hist, f.hist_max, f.top_logits,"
+                   " f.top_logit_vals, f.bottom_logits, f.bottom_logit_vals, {expl} FROM features f"
+                   " WHERE {cond} ORDER BY f.idx").format(expl=expl, cond=cond)
     with conn.transaction(), conn.cursor(name="export_features") as cur:
         cur.itersize = batch
         cur.execute(stmt, {**params, "sid": sid})
@@ -107,6 +110,27 @@ def stream_features(conn: psycopg.Connection, sae: str, sid: int, flt: Filters,
                 for f in feats:
                     f.examples = ex.get(f.index, [])
             yield feats
+
+
+def feature_json_lines(conn: psycopg.Connection, sae: str, sid: int, flt: Filters) -> Iterator[bytes]:
+    """The jsonl export's lines (one feature each, in index order: sae, index, density, max_act, mean_act,
+    explanations), built by Postgres and streamed by COPY TO STDOUT, so Python only moves bytes. CSV format
+    with a delimiter and a quote byte that JSON text never holds (Postgres escapes control characters in JSON)
+    passes each line through unchanged, where the text format would double every backslash."""
+    expl, cond, params = _parts(flt)
+    stmt = sql.SQL(
+        "COPY (SELECT json_build_object('sae', %(sae)s::text, 'index', f.idx, 'density', f.density, 'max_act',"
+        " f.max_act, 'mean_act', f.mean_act, 'explanations', {expl}) FROM features f WHERE {cond} ORDER BY f.idx)"
+        " TO STDOUT (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')").format(expl=expl, cond=cond)
+    with conn.cursor().copy(stmt, {**params, "sae": sae, "sid": sid}) as cp:
+        yield from cp
+
+
+def count_labels(conn: psycopg.Connection, sid: int, flt: Filters) -> int:
+    """How many labels an export with these filters holds."""
+    where, params = flt.where("e")
+    return conn.execute(sql.SQL("SELECT count(*) FROM explanations e WHERE e.sae_id = %(sid)s AND {}").format(where),
+                        {**params, "sid": sid}).fetchone()[0]
 
 
 def top_examples(conn: psycopg.Connection, sid: int, idxs: list[int]) -> dict[int, list[ExportExample]]:
