@@ -1,8 +1,8 @@
 """Reading a whole SAE's scored catalog out, streamed: either finished JSON lines by COPY TO STDOUT (jsonl and
 parquet), or records from a server-side (named) cursor that hands the rows over `itersize` at a time (csv,
-neuronpedia, and anything with examples), so the exporter's memory is one batch whatever the SAE's size. Postgres builds each
-feature's explanations (with their scores) as JSON in the same query, through the unique indexes on
-explanations (sae_id, feature, ...) and scores (explanation_id, ...), so one round trip serves a batch.
+neuronpedia, and anything with examples), so the exporter's memory is one batch whatever the SAE's size.
+Postgres builds each feature's explanations (with their scores) as JSON in the same query, through the unique
+indexes on explanations (sae_id, feature, ...) and scores (explanation_id, ...).
 
 Only the fields listed in the records leave: never a failure text, a score's per-example details, the SAE's
 path or harvest settings, which may hold what a user would not publish.
