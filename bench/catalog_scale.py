@@ -184,7 +184,7 @@ def export_bench(name: str, fmt: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000, help="labelled features")
-    ap.add_argument("--vocab", type=int, default=8000, help="corpus words in the Zipf vocabulary")
+    ap.add_argument("--vocab", type=int, default=5000, help="corpus words in the Zipf vocabulary")
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--keep", action="store_true", help="leave the synthetic SAE in the catalog")
@@ -195,15 +195,18 @@ def main() -> None:
     vocab = vocabulary(args.vocab)
     res: dict = {"n": args.n, "vocab": len(vocab)}
     index_dir = tempfile.mkdtemp(prefix="catalog-index-")
-    try:
-        sid, out = load(conn, name, args.n, vocab)
+    def stage(out: dict) -> None:
         res.update(out)
-        res.update(embed_compositional(conn, vocab, index_dir))
-        res.update(latency(conn, name, vocab, index_dir, args.queries))
+        print(json.dumps(out), file=sys.stderr, flush=True)     # partial results survive a later failure
+
+    try:
+        stage(load(conn, name, args.n, vocab)[1])
+        stage(embed_compositional(conn, vocab, index_dir))
+        stage(latency(conn, name, vocab, index_dir, args.queries))
         if not args.no_export:
             for fmt in ("parquet", "jsonl"):
                 e = export_bench(name, fmt)
-                res[f"export_{fmt}_s"], res[f"export_{fmt}_rss_mib"] = e["seconds"], e["peak_rss_mib"]
+                stage({f"export_{fmt}_s": e["seconds"], f"export_{fmt}_rss_mib": e["peak_rss_mib"]})
     finally:
         if not args.keep:
             conn.execute("DELETE FROM saes WHERE name = %s", (name,))
