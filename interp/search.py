@@ -97,13 +97,15 @@ def build_filters(conn: psycopg.Connection, sae: str | None, scorer: str | None,
 
 
 def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
-                 n: int = store.TOP_N) -> store.Ranked:
+                 n: int = store.TOP_N, warn: Callable[[str], None] = lambda line: None) -> store.Ranked:
     """Nearest labels to the query's MiniLM embedding. The usearch index cannot filter, so it is asked for
     more neighbours when filters are set, and the filters then apply in SQL on those."""
     from interp import label_index
 
     encoder = label_index.load_encoder()
-    label_index.embed_pending(conn, encoder)
+    if label_index.embed_pending(conn, encoder) == label_index.EMBED_PER_SEARCH:
+        warn(f"more than {label_index.EMBED_PER_SEARCH:,} new labels wait for embeddings; the semantic arm "
+             "covers them over the next searches")
     index = label_index.sync_index(conn, index_dir)
     filtered = flt != store.Filters()
     near = label_index.nearest(index, label_index.embed([query], encoder)[0], n * (10 if filtered else 1))
@@ -129,7 +131,8 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         from interp.settings import get_search_settings
 
         try:
-            arms.append(semantic_arm(conn, query, flt, index_dir or get_search_settings().search_index_dir))
+            arms.append(semantic_arm(conn, query, flt, index_dir or get_search_settings().search_index_dir,
+                                     warn=warn))
         except SemanticUnavailable as e:
             warn(f"semantic search is off: {e}; using full text and trigram only")
     fused = rrf([ranks(arm) for arm in arms])
