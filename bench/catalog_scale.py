@@ -156,9 +156,32 @@ def latency(conn, name: str, vocab: list[str], index_dir: str, n_queries: int) -
     com = [run(q)[0] for q in common for _ in range(max(1, n_queries // 10))]
     typo = [h.label for h in run("golden gat")[1]]
     syn = [h.label for h in run("car")[1]]
-    return {"selective_p50_ms": pct(sel, 50), "selective_p95_ms": pct(sel, 95), "common_p50_ms": pct(com, 50),
-            "common_p95_ms": pct(com, 95), "common_words": common,
-            "typo_in_top10": PLANTED[0] in typo, "synonym_in_top10": PLANTED[1] in syn}
+    out = {"selective_p50_ms": pct(sel, 50), "selective_p95_ms": pct(sel, 95), "common_p50_ms": pct(com, 50),
+           "common_p95_ms": pct(com, 95), "common_words": common,
+           "typo_in_top10": PLANTED[0] in typo, "synonym_in_top10": PLANTED[1] in syn}
+    return out | arm_latency(conn, name, selective, common, index_dir)
+
+
+def arm_latency(conn, name: str, selective: list[str], common: list[str], index_dir: str) -> dict:
+    """p95 of each arm alone, so a slow search says which arm it was."""
+    from interp.search import semantic_arm
+    from interp.store import search as store
+    from interp.store.saes import require_sae
+
+    flt = store.Filters(sae_id=require_sae(conn, name))
+    arms = {"fulltext": lambda q: store.fulltext_arm(conn, q, flt),
+            "trigram": lambda q: store.trigram_arm(conn, q, flt),
+            "semantic": lambda q: semantic_arm(conn, q, flt, index_dir)}
+    out = {}
+    for kind, queries in (("selective", selective), ("common", common)):
+        for arm, f in arms.items():
+            times = []
+            for q in queries:
+                t = time.perf_counter()
+                f(q)
+                times.append(time.perf_counter() - t)
+            out[f"{arm}_{kind}_p95_ms"] = pct(times, 95)
+    return out
 
 
 # The child reads its peak RSS from VmHWM: ru_maxrss survives execve on Linux, so a child of this process (which

@@ -25,6 +25,9 @@ EMBED_MODEL = "minilm"          # the sentence-transformers MiniLM of interp.sco
 # the test labels: "car" -> "automobiles and trucks" 0.65, "feline" -> "cats and kittens" 0.57, "%" -> "percent
 # signs in tables" 0.39; unrelated pairs 0.0-0.31 ("bridges" -> "automobiles and trucks")
 MIN_SIMILARITY = 0.35
+# usearch's defaults (16, 128) build at about 1.5 k vectors/s a core here; these at about 6 k, and a search still
+# asks for 200 or more neighbours, so the few lost to a thinner graph do not change what the fusion sees
+HNSW = {"connectivity": 12, "expansion_add": 64}
 EMBED_PER_SEARCH = 2000         # labels embedded at one search; the rest wait for the next one (about 2 s of CPU)
 
 
@@ -53,9 +56,10 @@ def load_encoder():
         raise SemanticUnavailable(f"the MiniLM model cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def embed_pending(conn: psycopg.Connection, encoder, limit: int = EMBED_PER_SEARCH) -> int:
-    """Embeds up to `limit` labels that have no embedding yet and stores them; returns how many."""
-    rows = store.unembedded_labels(conn, limit)
+def embed_pending(conn: psycopg.Connection, encoder, limit: int | None = None) -> int:
+    """Embeds up to `limit` (default EMBED_PER_SEARCH) labels that have no embedding yet and stores them;
+    returns how many."""
+    rows = store.unembedded_labels(conn, limit or EMBED_PER_SEARCH)
     if rows:
         store.store_embeddings(conn, [r[0] for r in rows], embed([r[1] for r in rows], encoder), EMBED_MODEL)
     return len(rows)
@@ -119,7 +123,7 @@ def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool)
     added = 0
     for ids, vecs, last in store.embeddings_since(conn, seq):
         if index is None:
-            index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16")
+            index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16", **HNSW)
         index.add(ids, vecs, log=False)
         seq, added = last, added + len(ids)
     if index is not None and (added or rebuild or meta is None):

@@ -253,3 +253,21 @@ def test_bulk_copy_round_trips_awkward_text_and_scores(conn):
         assert again.label == awkward and again.scores["embedding"] == 0.25     # a stored label is kept
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def test_a_backlog_of_unembedded_labels_is_said_once_and_worked_off(conn, index_dir, monkeypatch):
+    from interp import label_index
+
+    monkeypatch.setattr(label_index, "EMBED_PER_SEARCH", 1)
+    name, sid = make_sae(conn, {0: ("glaciers and ice sheets", 0.1, {}), 1: ("deserts and dunes", 0.1, {})})
+    try:
+        while len(store.unembedded_labels(conn, 3)) > 2:        # other tests' leftovers: embed them first
+            label_index.embed_pending(conn, label_index.load_encoder(), 1000)
+        notes = []
+        search(conn, "sand", sae=name, index_dir=index_dir, warn=notes.append)
+        assert len(notes) == 1 and "wait for embeddings" in notes[0]
+        search(conn, "sand", sae=name, index_dir=index_dir, warn=notes.append)
+        hits = search(conn, "sand", sae=name, index_dir=index_dir, warn=notes.append)
+        assert "deserts and dunes" in labels_of(hits) and store.unembedded_labels(conn, 3) == []
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
