@@ -21,19 +21,22 @@ MAX_QUERY_CHARS = 1000   # labels are a sentence; a longer query is a mistake, a
 MAX_LIMIT = 1000
 
 
-def ranks(ranked: Sequence[tuple[int, float]]) -> dict[int, int]:
-    """Competition ranks ("1224") of (key, relevance) pairs sorted best first: equal relevance, equal rank, so
-    that two labels an arm cannot tell apart fuse equal and are then ordered by score."""
-    out: dict[int, int] = {}
-    prev = None
-    for pos, (key, rel) in enumerate(ranked, start=1):
-        if rel != prev:
-            rank, prev = pos, rel
-        out[key] = rank
+def ranks(ranked: Sequence[tuple[int, float]]) -> dict[int, float]:
+    """Fractional ranks of (key, relevance) pairs sorted best first: keys of equal relevance share the mean of
+    the positions they span (0.9, 0.5, 0.5, 0.1 -> 1, 2.5, 2.5, 4). So two labels an arm cannot tell apart fuse
+    equal and are then ordered by score, and a hundred ties (every label holding "car" in "card" or "carry")
+    count as rank 50.5, not as a hundred first places that would crowd out another arm's first."""
+    out: dict[int, float] = {}
+    start = 0
+    for end in range(1, len(ranked) + 1):
+        if end == len(ranked) or ranked[end][1] != ranked[start][1]:
+            for key, _ in ranked[start:end]:
+                out[key] = (start + 1 + end) / 2
+            start = end
     return out
 
 
-def rrf(rankings: Sequence[Mapping[int, int]], k: int = RRF_K) -> dict[int, float]:
+def rrf(rankings: Sequence[Mapping[int, float]], k: int = RRF_K) -> dict[int, float]:
     """Reciprocal rank fusion: each key scores the sum over the rankings (key -> rank, from 1) that hold it of
     1 / (k + rank)."""
     fused: dict[int, float] = {}

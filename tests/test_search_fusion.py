@@ -34,12 +34,21 @@ def test_rrf_of_nothing_is_empty_and_k_is_a_parameter():
     assert rrf([{7: 1}], k=0) == {7: 1.0}
 
 
-def test_ties_share_a_rank_and_the_next_rank_skips():
-    # relevance 0.9, 0.5, 0.5, 0.1 -> ranks 1, 2, 2, 4 ("1224")
-    assert ranks([(1, 0.9), (2, 0.5), (3, 0.5), (4, 0.1)]) == {1: 1, 2: 2, 3: 2, 4: 4}
+def test_ties_share_the_mean_of_their_positions():
+    # relevance 0.9, 0.5, 0.5, 0.1 -> positions 1, 2-3, 4 -> ranks 1, 2.5, 2.5, 4
+    assert ranks([(1, 0.9), (2, 0.5), (3, 0.5), (4, 0.1)]) == {1: 1, 2: 2.5, 3: 2.5, 4: 4}
+    assert ranks([(1, 0.5), (2, 0.5), (3, 0.5)]) == {1: 2, 2: 2, 3: 2}
     fused = rrf([ranks([(1, 0.9), (2, 0.5), (3, 0.5)])])
-    assert fused[2] == fused[3] == pytest.approx(1 / 62)
+    assert fused[2] == fused[3] == pytest.approx(1 / 62.5)
     assert ranks([]) == {}
+
+
+def test_many_ties_in_one_arm_do_not_crowd_out_another_arms_first():
+    # 100 labels tied in arm A (ranks 50.5) against one clear first in arm B (rank 1): B's first wins
+    tied = ranks([(k, 0.75) for k in range(100)])
+    fused = rrf([tied, ranks([(500, 0.6)])])
+    assert max(fused, key=fused.get) == 500
+    assert fused[0] == pytest.approx(1 / 110.5)
 
 
 def test_parse_density_open_and_closed_bounds():
