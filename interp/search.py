@@ -128,7 +128,10 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
     # Trigrams are for typos and substrings. A query whose words are common lexemes already fills the full-text
     # arm, and its trigrams are common too: their GIN posting lists are the longest, so the arm is skipped.
     if len(arms[0]) < store.TOP_N:
-        arms.append(store.trigram_arm(conn, query, flt))
+        try:
+            arms.append(store.trigram_arm(conn, query, flt))
+        except store.ArmTimeout as e:
+            warn(str(e))
     if semantic:
         from interp.label_index import SemanticUnavailable
         from interp.settings import get_search_settings

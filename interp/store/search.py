@@ -20,6 +20,11 @@ from pydantic import BaseModel
 
 POOL = 2000     # candidates an arm ranks: bounds the work of a common word
 TOP_N = 200     # candidates an arm returns to the fusion
+TRIGRAM_TIMEOUT_MS = 2000
+
+
+class ArmTimeout(Exception):
+    """An arm ran past its time limit; the message says so in one line."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ def has_trigrams(conn: psycopg.Connection, query: str) -> bool:
     return bool(conn.execute("SELECT cardinality(show_trgm(%s)) > 0", (query,)).fetchone()[0])
 
 
-def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL) -> Ranked:
+def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL,
+                timeout_ms: int = TRIGRAM_TIMEOUT_MS) -> Ranked:
     """Explanation ids whose label contains a stretch similar to `query` (`<%`, word_similarity at pg_trgm's
     threshold, 0.6 by default), so substrings and typos match: "golden gat" finds "Golden Gate Bridge"."""
     if not has_trigrams(conn, query):
@@ -90,7 +96,14 @@ def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP
         "SELECT c.id, word_similarity(%(q)s, c.label) AS r FROM (SELECT e.id, e.label FROM explanations e"
         " WHERE %(q)s <%% e.label AND {where} LIMIT %(pool)s) c ORDER BY r DESC, c.id LIMIT %(n)s"
     ).format(where=where)
-    return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
+    # The GIN scan reads every posting list of the query's trigrams before the LIMIT can stop anything, and a
+    # short query's trigrams ("  c", " ca") are in millions of labels: past the timeout the arm is dropped.
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms}ms",))
+            return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
+    except psycopg.errors.QueryCanceled:
+        raise ArmTimeout(f"the trigram arm took over {timeout_ms} ms and was dropped") from None
 
 
 def filter_ranked(conn: psycopg.Connection, ranked: Ranked, flt: Filters, n: int = TOP_N) -> Ranked:
