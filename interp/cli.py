@@ -11,6 +11,9 @@ from typing import Optional
 
 import typer
 
+from interp.demo import DemoConfig
+from sae.cli_config import config_command
+from sae.configs import HarvestConfig, TrainConfig
 from sae.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,31 +33,11 @@ def emit_json(obj) -> None:
 
 # ---------------------------------------------------------------- sae (issue 2)
 @sae_app.command("train")
-def sae_train(
-    model: str = typer.Option(..., help="Hugging Face id or local path, or 'minilm'"),
-    layer: int = typer.Option(..., help="block index"),
-    corpus: str = typer.Option("builtin", help="builtin | FILE/DIR (.txt/.jsonl) | hf:NAME[:SPLIT]"),
-    latents: int = typer.Option(..., help="number of SAE latents"),
-    k: int = typer.Option(32, help="active latents per token (TopK/BatchTopK), target L0 for the others"),
-    tokens: int = typer.Option(..., help="training tokens"),
-    out: str = typer.Option(..., help="output directory"),
-    site: str = typer.Option("resid", help="resid | mlp | attn"),
-    arch: str = typer.Option("topk", help="topk | batchtopk | jumprelu | relu"),
-    device: str = typer.Option("auto", help="cpu | cuda | auto"),
-    ctx_len: int = typer.Option(128, "--ctx-len"),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens",
-                                               help="tokens per optimiser step (default: about tokens/200, 512..4096)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default scales with latents)"),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
-    json_out: bool = typer.Option(False, "--json"),
-):
+@config_command(TrainConfig)
+def sae_train(cfg: TrainConfig, json_out: bool = typer.Option(False, "--json")):
     """Train an SAE on a model's activations at one hook site."""
-    from sae.train import TrainConfig, train
+    from sae.train import train
 
-    cfg = TrainConfig(model=model, layer=layer, site=site, corpus=corpus, latents=latents, k=k, tokens=tokens,
-                      out=out, arch=arch, device=device, ctx_len=ctx_len, batch_tokens=batch_tokens, lr=lr,
-                      seed=seed, resume=resume)
     summary = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
@@ -121,14 +104,13 @@ def db_migrate(json_out: bool = typer.Option(False, "--json")):
 
 
 @app.command("harvest")
+@config_command(HarvestConfig)
 def harvest_cmd(
+    cfg: HarvestConfig,
     sae: str = typer.Option(..., help="SAE directory (native, SAELens or sparsify)"),
     name: str = typer.Option(..., help="catalog name for this SAE"),
     corpus: str = typer.Option("builtin", help="builtin | FILE/DIR (.txt/.jsonl) | hf:NAME[:SPLIT]"),
     tokens: int = typer.Option(..., help="corpus tokens to run through model and SAE"),
-    ctx: int = typer.Option(32, help="window width shown around each example's max"),
-    ctx_len: int = typer.Option(64, "--ctx-len", help="length of the corpus contexts the model reads"),
-    top: int = typer.Option(50, help="top-activating contexts kept per feature"),
     shard: Optional[str] = typer.Option(None, help="i/n: harvest one slice; the last shard to finish merges"),
     state_dir: Optional[str] = typer.Option(None, "--state-dir", help="where shards leave partial states"),
     replace: bool = typer.Option(False, "--replace", help="replace an SAE of the same name"),
@@ -139,9 +121,8 @@ def harvest_cmd(
     """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog."""
     from interp.harvest_job import harvest_to_catalog
 
-    summary = harvest_to_catalog(sae, name, corpus, tokens, ctx=ctx, ctx_len=ctx_len, top=top, shard=shard,
-                                 replace=replace, device=device, batch_size=batch_size, state_dir=state_dir,
-                                 progress=sys.stderr.isatty())
+    summary = harvest_to_catalog(sae, name, corpus, tokens, cfg=cfg, shard=shard, replace=replace, device=device,
+                                 batch_size=batch_size, state_dir=state_dir, progress=sys.stderr.isatty())
     if json_out:
         emit_json(summary)
     else:
@@ -204,15 +185,19 @@ def explain_cmd(
     from interp.scorers import label_feature, read_feature_file
 
     fe = read_feature_file(feature_file)
-    ex, scores = asyncio.run(label_feature(fe, explainer, simulator, [s.strip() for s in scorer.split(",") if s.strip()]))
+    names = [s.strip() for s in scorer.split(",") if s.strip()]
+    result = asyncio.run(label_feature(fe, explainer, simulator, names))
+    ex = result.explanation
     if json_out:
-        emit_json({"explanation": ex.model_dump(), "scores": [s.model_dump() for s in scores]})
+        emit_json(result.model_dump())
         return
     typer.echo(f"label: {ex.label}" if ex.ok else f"no label: {ex.failure}")
-    for s in scores:
+    if ex.ok and ex.failure:
+        typer.echo(f"not scored: {ex.failure}")
+    for s in result.scores:
         vals = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=undefined" for k, v in s.values.items())
         typer.echo(f"{s.scorer:>10} ({s.method}, {s.usage.total} tokens): {vals}")
-    if not ex.ok:
+    if ex.failure:
         sys.exit(1)
 
 
@@ -269,39 +254,14 @@ def export_cmd(
 
 
 @app.command("demo")
-def demo(
-    out: str = typer.Option("runs/demo", help="where the demo SAE goes"),
-    tokens: int = typer.Option(200_000, help="training tokens"),
-    harvest_tokens: int = typer.Option(50_000, "--harvest-tokens", help="corpus tokens harvested into the catalog"),
-    features: int = typer.Option(3, help="features labelled (baseline explainer, embedding scorer) and shown"),
-):
-    """What exists, end to end on the embedded defaults: train and evaluate an SAE on MiniLM, harvest it into
-    the Postgres catalog as `demo`, then label and score a few features offline and show them."""
-    import asyncio
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="small sizes (the CI test's); same steps")):
+    """The whole service end to end on the embedded defaults: services, schema, a MiniLM SAE trained and evaluated,
+    harvested into Postgres, labelled by Celery workers (baseline + an LLM), then the best features, a search and
+    the dashboard's URL. A second run skips what is done."""
+    from interp.demo import run
 
-    from interp.db import connect
-    from interp.harvest_job import harvest_to_catalog
-    from interp.store.features import load_feature_examples
-    from interp.store.saes import densest_features
-    from interp.scorers import label_features
-    from sae.evaluate import evaluate
-    from sae.train import TrainConfig, train
-
-    train(TrainConfig(model="minilm", layer=3, corpus="builtin", latents=2048, k=16, tokens=tokens, out=out))
-    metrics = evaluate(out, corpus="builtin", tokens=50_000)
-    for key, val in metrics.items():
-        typer.echo(f"{key:>16}: {val}")
-    summary = harvest_to_catalog(out, "demo", "builtin", harvest_tokens, replace=True,
-                                 progress=sys.stderr.isatty())
-    typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
-    with connect() as conn:
-        idxs = densest_features(conn, "demo", features)
-        fes = [load_feature_examples(conn, "demo", i) for i in idxs]
-    for ex, scores in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
-        score = next((s.value for s in scores if s.scorer == "embedding"), None)
-        typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
-                   f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
-    typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
+    run(cfg.quick() if quick else cfg)
 
 
 def main() -> None:

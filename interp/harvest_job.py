@@ -3,29 +3,15 @@ the result into the catalog through the store. With --shard i/n each shard saves
 and the shard that completes the set merges them (exactly the unsharded result) under an advisory lock."""
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
-import torch
-
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta, lock_session, name_taken, sae_id
 from interp.store.vocab import store_vocab, vocab_key
+from sae.configs import HarvestConfig
 from sae.errors import InputError
-
-
-def weights_sha(sae) -> str:
-    """sha256 over the loaded module's tensors and the settings that change which latents fire (arch, k):
-    loaders normalise names and dtypes, so the same SAE hashes alike whichever format it was read from."""
-    h = hashlib.sha256(f"{sae.cfg.arch}:{sae.cfg.k};".encode())
-    for key, t in sorted(sae.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
 
 
 def tokenizer_vocab(tokenizer) -> list[str]:
@@ -87,8 +73,8 @@ def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int) -> dict |
     return None
 
 
-def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ctx: int = 32, ctx_len: int = 64,
-                       top: int = 50, shard: str | None = None, replace: bool = False, device: str = "auto",
+def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cfg: HarvestConfig | None = None,
+                       shard: str | None = None, replace: bool = False, device: str = "auto",
                        batch_size: int = 16, state_dir: str | None = None, progress: bool = True,
                        url: str | None = None) -> dict:
     """Harvests an SAE directory over a corpus into the catalog as NAME; returns the --json summary.
@@ -99,29 +85,24 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
     merged by another, and one that finds states missing waits for their shards."""
     from interp.db import connect, migrate
     from sae.formats import load_sae
-    from sae.harvest import HarvestConfig, harvest, parse_shard
+    from sae.harvest import harvest, parse_shard
     from sae.models import hooked
 
     t0 = time.perf_counter()
     i, n = parse_shard(shard)
-    if ctx < 2 or top < 2:
-        raise InputError(f"--ctx and --top must be at least 2, got --ctx {ctx} --top {top}")
-    if ctx > ctx_len:
-        raise InputError(f"--ctx {ctx} is longer than the harvest contexts (--ctx-len {ctx_len}); give --ctx <= --ctx-len")
+    cfg = cfg or HarvestConfig()
     conn = connect(url)  # before the model loads: a missing database fails in a second, naming its URL
     try:  # closing the connection also releases the shards' merge lock, however this ends
         migrate(conn)
         if sae_id(conn, name) is not None and not replace:
             raise name_taken(name)
         sae = load_sae(sae_path, "cpu").eval()
-        sha = weights_sha(sae)
+        sha = sae.firing_sha()
         if not sae.cfg.model:
             raise InputError(f"the SAE in {sae_path} does not say which model it reads; its cfg.json needs model/layer/site")
         hm = hooked(sae.cfg.model, sae.cfg.layer, sae.cfg.site, device)
         sae = sae.to(hm.device)
-        cfg = HarvestConfig(top_k=top, ctx=ctx)
-        state = harvest(hm, sae, corpus, tokens, cfg, ctx_len=ctx_len, batch_size=batch_size, shard=(i, n),
-                        progress=progress)
+        state = harvest(hm, sae, corpus, tokens, cfg, batch_size=batch_size, shard=(i, n), progress=progress)
         folder = Path(state_dir or f"runs/harvest-{name}")
         if n > 1 and (why := _claim_merge(conn, name, state, folder, i, n)) is not None:
             return {"features": sae.cfg.n_latents, "examples": 0, "tokens": state.n_tokens,
@@ -129,8 +110,8 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, ct
         vocab = tokenizer_vocab(hm.tokenizer)
         key = vocab_key(sae.cfg.model, vocab)
         store_vocab(conn, key, vocab)
-        info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": ctx, "ctx_len": ctx_len, "top": top, "shards": n,
-                "seed": cfg.seed}
+        info = {"corpus": corpus, "requested_tokens": tokens, "tokens": state.n_tokens, "ctx": cfg.window, "ctx_len": cfg.ctx_len,
+                "top": cfg.top_k, "shards": n, "seed": cfg.seed}
         out = write_harvest(conn, name, _meta(sae, sae_path, sha), state.result_chunks(_logits(hm, sae, cfg.n_logits)),
                             tokenizer=key, harvest_info=info, replace=replace)
         if n > 1:  # still under the lock: a shard that looks next finds its state gone, i.e. merged

@@ -6,7 +6,6 @@ import numpy as np
 from interp.store.features import FeatureView
 from sae.records import Example
 
-
 _BARS = " ▁▂▃▄▅▆▇█"
 
 

@@ -2,17 +2,22 @@
 
 All kinds share the parameters W_enc [n_latents, d_in], b_enc [n_latents], W_dec [n_latents, d_in], b_dec [d_in]
 and encode as act(W_enc (x - b_dec) + b_enc). Only the activation and the sparsity loss differ.
+
+Each kind also owns how the other formats hold it (to_saelens / from_saelens, to_sparsify / from_sparsify) and which
+of its numbers decide what fires (firing_sha); sae.formats keeps the files and asks the kind found in a file's cfg.json.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern
 
 
@@ -59,6 +64,49 @@ class StepOutput:
     l0: torch.Tensor
     fired: torch.Tensor                   # [n_latents] bool: latents that fired in this batch
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def config_int(cfg: dict, key: str, where: Path, found: object = None) -> int:
+    """`found`, else cfg[key], as an integer; else an error naming the file `where`."""
+    try:
+        return int(found if found is not None else cfg[key])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{where} has no integer {key!r}") from None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One SAE as a file format holds it, with the parts every kind reads alike already in our terms."""
+    cfg: dict                            # the cfg.json as read
+    weights: dict[str, torch.Tensor]     # W_enc [n, d], b_enc, W_dec, b_dec in our layout, whatever the file calls them
+    extra: dict[str, torch.Tensor]       # the file's other tensors under the file's names (SAELens' threshold)
+    common: dict                         # SAEConfig fields that do not depend on the kind: d_in, n_latents, where
+    cfg_path: Path
+    weights_path: Path
+
+    def integer(self, key: str, found: object = None) -> int:
+        return config_int(self.cfg, key, self.cfg_path, found)
+
+    def build(self, arch: str, k: int, **extra: torch.Tensor) -> SparseAutoencoder:
+        return load_state(SAEConfig(**self.common, arch=arch, k=k), {**self.weights, **extra}, self.weights_path)
+
+
+def _stand_in_k(n_latents: int) -> int:
+    """SAEConfig needs a k. For the threshold and L1 kinds it is only the training target, which a foreign file
+    does not record; neither encode nor firing_sha reads it."""
+    return min(32, n_latents - 1)
+
+
+def threshold_of(log_threshold: torch.Tensor) -> torch.Tensor:
+    """exp in float64, rounded once to float32. float32 exp kernels differ in the last bit between devices and
+    between vector and scalar loops, so this is the one threshold written to files and hashed."""
+    return log_threshold.detach().double().exp().float()
+
+
+def log_threshold_of(threshold: torch.Tensor) -> torch.Tensor:
+    """The float32 log whose threshold_of gives `threshold` back whenever some float32 log does (the nearest
+    float32 to the exact log is at least as close as any other)."""
+    return threshold.detach().double().clamp_min(1e-12).log().float()
 
 
 def _total_var(x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +191,53 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.data /= scale
         self.b_dec.data /= scale
 
+    # ---- which latents fire ----
+    def firing_rule(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """(the rule with its settings, the tensors it reads): all that decides which latents fire on an input.
+        W_dec only shapes the output, and training-only settings (k of the threshold kinds) change nothing here."""
+        raise NotImplementedError
+
+    def _encoder(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec}  # b_dec: encode reads x - b_dec
+
+    def firing_sha(self) -> str:
+        """sha256 of firing_rule. Loaders normalise names, layouts and dtypes, so the same SAE read from any format
+        hashes alike, and its labels stay valid exactly while this stays the same."""
+        rule, tensors = self.firing_rule()
+        h = hashlib.sha256(f"{rule};".encode())
+        for name, t in tensors.items():
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
+
+    # ---- other formats: sae.formats handles the files and the four tensors every kind has ----
+    def to_saelens(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(this kind's keys of SAELens' cfg.json, this kind's tensors beyond the shared four)."""
+        raise NotImplementedError
+
+    @classmethod
+    def reads_saelens(cls, architecture: str, activation: str) -> bool:
+        """Whether SAELens' `architecture` with `activation_fn_str` loads as this kind."""
+        return False
+
+    @classmethod
+    def from_saelens(cls, stored: Stored) -> SparseAutoencoder:
+        raise NotImplementedError
+
+    def to_sparsify(self) -> dict:
+        """This kind's keys of sparsify's cfg.json."""
+        raise InputError(f"the sparsify format holds TopK SAEs only, not {self.arch!r}; "
+                         "convert this SAE --to native or --to saelens instead")
+
+    @classmethod
+    def reads_sparsify(cls, activation: str) -> bool:
+        return False
+
+    @classmethod
+    def from_sparsify(cls, stored: Stored) -> SparseAutoencoder:
+        raise NotImplementedError
+
 
 class TopKSAE(SparseAutoencoder):
     """k largest pre-activations per token. Training runs on the sparse kernels (sae.kernels): one dense
@@ -197,6 +292,34 @@ class TopKSAE(SparseAutoencoder):
         aux_recon = sparse_decode(aux_acts, self.W_dec, pattern)
         scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
         return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
+
+    def firing_rule(self):
+        return f"top {self.cfg.k}", self._encoder()
+
+    def to_saelens(self):
+        k = self.cfg.k
+        return {"architecture": "topk", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": k}, "k": k}, {}
+
+    @classmethod
+    def reads_saelens(cls, architecture, activation):
+        # SAELens 5 wrote TopK as "standard" with a topk activation
+        return architecture == "topk" or (architecture == "standard" and activation == "topk")
+
+    @classmethod
+    def from_saelens(cls, stored):
+        k = stored.cfg.get("k") or (stored.cfg.get("activation_fn_kwargs") or {}).get("k")
+        return stored.build(cls.arch, stored.integer("k", k))
+
+    def to_sparsify(self):
+        return {"activation": "topk", "k": self.cfg.k, "multi_topk": False}
+
+    @classmethod
+    def reads_sparsify(cls, activation):
+        return activation == "topk"
+
+    @classmethod
+    def from_sparsify(cls, stored):
+        return stored.build(cls.arch, stored.integer("k"))
 
 
 def _world() -> int:
@@ -271,6 +394,34 @@ class BatchTopKSAE(TopKSAE):
     def fold_input_scale(self, scale):
         super().fold_input_scale(scale)
         self.threshold.data /= scale
+
+    def _dense_threshold(self) -> torch.Tensor:
+        return self.threshold.detach().float().expand(self.cfg.n_latents).clone()
+
+    def firing_rule(self):
+        # at inference k plays no part. Hashed as the JumpReLU that SAELens holds it as, whose threshold can be one
+        # float32 step off ours (not every float32 is exp of one), so the SAE keeps its labels across the round trip
+        as_jumprelu = threshold_of(log_threshold_of(self._dense_threshold()))
+        return _ABOVE_THRESHOLD, {**self._encoder(), "threshold": as_jumprelu}
+
+    def to_saelens(self):
+        # at inference BatchTopK is a JumpReLU whose latents share one threshold
+        return dict(_SAELENS_JUMPRELU), {"threshold": self._dense_threshold()}
+
+    @classmethod
+    def reads_saelens(cls, architecture, activation):
+        return False
+
+    def to_sparsify(self):
+        return SparseAutoencoder.to_sparsify(self)
+
+    @classmethod
+    def reads_sparsify(cls, activation):
+        return False
+
+
+_ABOVE_THRESHOLD = "above threshold"
+_SAELENS_JUMPRELU = {"architecture": "jumprelu", "activation_fn_str": "relu", "activation_fn_kwargs": {}}
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -349,6 +500,26 @@ class JumpReLUSAE(SparseAutoencoder):
         super().fold_input_scale(scale)
         self.log_threshold.data -= math.log(scale)
 
+    def firing_rule(self):
+        return _ABOVE_THRESHOLD, {**self._encoder(), "threshold": threshold_of(self.log_threshold)}
+
+    def to_saelens(self):
+        return dict(_SAELENS_JUMPRELU), {"threshold": threshold_of(self.log_threshold)}
+
+    @classmethod
+    def reads_saelens(cls, architecture, activation):
+        return architecture == "jumprelu"
+
+    @classmethod
+    def from_saelens(cls, stored):
+        if "threshold" in stored.extra:
+            log_t = log_threshold_of(stored.extra["threshold"].float())
+        elif "log_threshold" in stored.extra:
+            log_t = stored.extra["log_threshold"].float()
+        else:
+            raise InputError(f"{stored.weights_path} is a jumprelu SAE without a threshold tensor")
+        return stored.build(cls.arch, _stand_in_k(stored.common["n_latents"]), log_threshold=log_t)
+
 
 class ReLUSAE(SparseAutoencoder):
     arch = "relu"
@@ -361,9 +532,44 @@ class ReLUSAE(SparseAutoencoder):
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
         return self.cfg.l1_coef * l1 / rms / self.cfg.k
 
+    def firing_rule(self):
+        return "above zero", self._encoder()
+
+    def to_saelens(self):
+        return {"architecture": "standard", "activation_fn_str": "relu", "activation_fn_kwargs": {}}, {}
+
+    @classmethod
+    def reads_saelens(cls, architecture, activation):
+        return architecture == "standard" and activation == "relu"
+
+    @classmethod
+    def from_saelens(cls, stored):
+        return stored.build(cls.arch, _stand_in_k(stored.common["n_latents"]))
+
 
 ARCHS: dict[str, type[SparseAutoencoder]] = {c.arch: c for c in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)}
 
 
 def build(cfg: SAEConfig, device=None, dtype=torch.float32) -> SparseAutoencoder:
     return ARCHS[cfg.arch](cfg, device=device, dtype=dtype)
+
+
+def load_state(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
+    """The SAE of cfg holding `state` (cast to its dtypes), in eval mode; a mismatch names the file `where`."""
+    sae = build(cfg)
+    own = sae.state_dict()
+    try:
+        sae.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        first = first_line(e)
+        raise InputError(f"{where}: weights do not match its cfg.json ({first})") from None
+    return sae.eval()
+
+
+def saelens_kind(architecture: str, activation: str) -> type[SparseAutoencoder] | None:
+    """The kind that loads SAELens' `architecture` with `activation_fn_str`, if any."""
+    return next((kind for kind in ARCHS.values() if kind.reads_saelens(architecture, activation)), None)
+
+
+def sparsify_kind(activation: str) -> type[SparseAutoencoder] | None:
+    return next((kind for kind in ARCHS.values() if kind.reads_sparsify(activation)), None)

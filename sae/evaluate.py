@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +68,47 @@ def _kl(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: str | None = None,
-             layer: int | None = None, site: str | None = None, device: str = "auto", batch_size: int = 16,
-             seed: int | None = None, progress: bool = True) -> dict:
-    """Metrics over `tokens` held-out tokens (whole contexts, so up to one context more).
+@dataclass
+class _Totals:
+    """Sums over the eval tokens so far; the metrics are ratios of them."""
+    n_latents: int
+    device: torch.device
+    moments: Moments = field(default_factory=Moments)
+    sse: float = 0.0
+    l0_sum: float = 0.0
+    n_tok: int = 0
+    fire_counts: torch.Tensor | None = None
+    ce_sums: dict = field(default_factory=lambda: {"clean": 0.0, "sae": 0.0, "zero": 0.0})
+    kl_sum: float = 0.0
+    n_pred: int = 0
+    n_kl: int = 0
 
-    The held-out split depends on the corpus order, so `seed` defaults to the one the SAE was trained with."""
-    if tokens <= 0:
-        raise InputError(f"--tokens must be positive, got {tokens}")
+    def __post_init__(self):
+        self.fire_counts = torch.zeros(self.n_latents, dtype=torch.float64, device=self.device)
+
+    def add_reconstruction(self, x, vals, idx, recon) -> None:
+        self.moments.update(x)
+        self.sse += float((x.double() - recon.double()).pow(2).sum())
+        fired = vals > 0
+        self.l0_sum += float(fired.sum())
+        self.fire_counts += torch.bincount(idx[fired], minlength=self.n_latents)
+        self.n_tok += x.shape[0]
+
+    def metrics(self) -> dict:
+        return {"fvu": fvu_from_sums(self.sse, self.moments.m2), "l0": self.l0_sum / self.n_tok,
+                "dead_frac": float((self.fire_counts == 0).double().mean()),
+                "dense_frac": float((self.fire_counts / self.n_tok > DENSE_ABOVE).double().mean()),
+                "tokens": self.n_tok}
+
+    def ce_metrics(self) -> dict:
+        ce = {k: v / self.n_pred for k, v in self.ce_sums.items()}
+        return dict(ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero_ablation=ce["zero"],
+                    ce_loss_score=ce_loss_score(ce["clean"], ce["sae"], ce["zero"]), kl_div=self.kl_sum / self.n_kl)
+
+
+def _load(path, model, layer, site, device, seed):
+    """The SAE, the model hooked where the SAE reads (its own model, layer and site unless overridden), the
+    seed, and where it reads as the metrics report it."""
     dev = pick_device(device)
     sae = load_sae(path, device=dev)
     c = sae.cfg
@@ -90,80 +123,82 @@ def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: st
     if hm.d_in != c.d_in:
         raise InputError(f"SAE d_in {c.d_in} does not match model {model_name} layer {layer} site {site} "
                          f"(d={hm.d_in}); give the --model/--layer/--site it was trained on")
-    causal = is_causal(hm.model)
+    return sae, hm, seed, {"model": model_name, "layer": layer, "site": site}
 
-    moments, sse, l0_sum, n_tok = Moments(), 0.0, 0.0, 0
-    fire_counts = torch.zeros(c.n_latents, dtype=torch.float64, device=dev)
-    ce_sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    kl_sum, n_pred, n_kl = 0.0, 0, 0
+
+@torch.no_grad()
+def _encode(hm, sae, batch, mask, causal):
+    """The site's activations, the content tokens' sparse code and reconstruction, and (causal) clean logits."""
+    clean_logits = None
+    if causal:
+        captured = {}
+
+        def capture(x):
+            captured["x"] = x
+            return x
+
+        clean_logits = hm.logits_with(batch, replace=capture)
+        acts = captured["x"].float()
+    else:
+        acts = hm.activations(batch)
+    x = acts[mask]
+    # sparse (values, indices): a dense [tokens, latents] matrix would not fit for wide SAEs
+    vals, idx = sae.encode_sparse(x)
+    recon = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum") + sae.b_dec
+    return acts, x, vals, idx, recon, clean_logits
+
+
+def _add_ce(totals: _Totals, hm, batch, mask, acts, recon, clean_logits) -> None:
+    """Next-token CE with the site clean, spliced with the SAE's reconstruction and zero-ablated; KL to clean."""
+    spliced = acts.clone()
+    spliced[mask] = recon.to(acts.dtype)
+    zeroed = torch.where(mask[..., None], torch.zeros_like(acts), acts)
+    # one [batch, seq, vocab] logits tensor besides the clean one at a time: vocabularies are large
+    totals.ce_sums["clean"] += float(_next_token_ce(clean_logits, batch).double().sum())
+    logits = hm.logits_with(batch, replace=lambda _x: spliced)
+    totals.ce_sums["sae"] += float(_next_token_ce(logits, batch).double().sum())
+    totals.kl_sum += float(_kl(clean_logits, logits)[mask].double().sum())
+    del logits, clean_logits
+    logits = hm.logits_with(batch, replace=lambda _x: zeroed)
+    totals.ce_sums["zero"] += float(_next_token_ce(logits, batch).double().sum())
+    del logits
+    totals.n_pred += batch.shape[0] * (batch.shape[1] - 1)
+    totals.n_kl += int(mask.sum())
+
+
+def evaluate(path: str, corpus: str = "builtin", tokens: int = 50_000, model: str | None = None,
+             layer: int | None = None, site: str | None = None, device: str = "auto", batch_size: int = 16,
+             seed: int | None = None, progress: bool = True) -> dict:
+    """Metrics over `tokens` held-out tokens (whole contexts, so up to one context more).
+
+    The held-out split depends on the corpus order, so `seed` defaults to the one the SAE was trained with."""
+    if tokens <= 0:
+        raise InputError(f"--tokens must be positive, got {tokens}")
+    sae, hm, seed, where = _load(path, model, layer, site, device, seed)
+    c, dev = sae.cfg, sae.W_dec.device
+    causal = is_causal(hm.model)
+    totals = _Totals(c.n_latents, dev)
     bar = tqdm(total=tokens, unit="tok", desc="eval", disable=not progress, dynamic_ncols=True)
     contexts = iter_contexts(corpus, hm.tokenizer, ctx_len=c.ctx_len, seed=seed, split="eval")
     for batch in batches(contexts, batch_size):
         mask = content_mask(batch, hm.tokenizer)
         # only as many contexts as the token budget needs
-        keep = int((mask.sum(1).cumsum(0) < tokens - n_tok).sum()) + 1
+        keep = int((mask.sum(1).cumsum(0) < tokens - totals.n_tok).sum()) + 1
         batch, mask = batch[:keep].to(dev), mask[:keep].to(dev)
-        with torch.no_grad():
-            if causal:
-                captured = {}
-
-                def capture(x):
-                    captured["x"] = x
-                    return x
-
-                clean_logits = hm.logits_with(batch, replace=capture)
-                acts = captured["x"].float()
-            else:
-                acts = hm.activations(batch)
-            x = acts[mask]
-            # sparse (values, indices): a dense [tokens, latents] matrix would not fit for wide SAEs
-            vals, idx = sae.encode_sparse(x)
-            recon = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum") \
-                + sae.b_dec
-
-        moments.update(x)
-        sse += float((x.double() - recon.double()).pow(2).sum())
-        fired = vals > 0
-        l0_sum += float(fired.sum())
-        fire_counts += torch.bincount(idx[fired], minlength=c.n_latents)
-        n_tok += x.shape[0]
-
+        acts, x, vals, idx, recon, clean_logits = _encode(hm, sae, batch, mask, causal)
+        totals.add_reconstruction(x, vals, idx, recon)
         if causal:
-            spliced = acts.clone()
-            spliced[mask] = recon.to(acts.dtype)
-            zeroed = torch.where(mask[..., None], torch.zeros_like(acts), acts)
-            # one [batch, seq, vocab] logits tensor besides the clean one at a time: vocabularies are large
-            ce_sums["clean"] += float(_next_token_ce(clean_logits, batch).double().sum())
-            logits = hm.logits_with(batch, replace=lambda _x: spliced)
-            ce_sums["sae"] += float(_next_token_ce(logits, batch).double().sum())
-            kl_sum += float(_kl(clean_logits, logits)[mask].double().sum())
-            del logits, clean_logits
-            logits = hm.logits_with(batch, replace=lambda _x: zeroed)
-            ce_sums["zero"] += float(_next_token_ce(logits, batch).double().sum())
-            del logits
-            n_pred += batch.shape[0] * (batch.shape[1] - 1)
-            n_kl += int(mask.sum())
-
+            _add_ce(totals, hm, batch, mask, acts, recon, clean_logits)
         bar.update(x.shape[0])
-        bar.set_postfix(fvu=f"{fvu_from_sums(sse, moments.m2):.4f}", l0=f"{l0_sum / max(n_tok, 1):.1f}")
-        if n_tok >= tokens:
+        bar.set_postfix(fvu=f"{fvu_from_sums(totals.sse, totals.moments.m2):.4f}",
+                        l0=f"{totals.l0_sum / max(totals.n_tok, 1):.1f}")
+        if totals.n_tok >= tokens:
             break
     bar.close()
-    if n_tok < tokens:
-        tqdm.write(f"warning: the held-out split of {corpus!r} holds only {n_tok} tokens, fewer than --tokens "
-                   f"{tokens}", file=sys.stderr)
-
-    out = {
-        "fvu": fvu_from_sums(sse, moments.m2),
-        "l0": l0_sum / n_tok,
-        "dead_frac": float((fire_counts == 0).double().mean()),
-        "dense_frac": float((fire_counts / n_tok > DENSE_ABOVE).double().mean()),
-        "tokens": n_tok,
-        "model": model_name, "layer": layer, "site": site, "arch": c.arch, "n_latents": c.n_latents,
-    }
+    if totals.n_tok < tokens:
+        tqdm.write(f"warning: the held-out split of {corpus!r} holds only {totals.n_tok} tokens, fewer than "
+                   f"--tokens {tokens}", file=sys.stderr)
+    out = {**totals.metrics(), **where, "arch": c.arch, "n_latents": c.n_latents}
     if causal:
-        ce = {k: v / n_pred for k, v in ce_sums.items()}
-        out.update(ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero_ablation=ce["zero"],
-                   ce_loss_score=ce_loss_score(ce["clean"], ce["sae"], ce["zero"]), kl_div=kl_sum / n_kl)
+        out.update(totals.ce_metrics())
     return out
-

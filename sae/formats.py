@@ -6,6 +6,8 @@ sparsify  cfg.json + sae.safetensors, encoder.weight [d_sae, d_in], encoder.bias
           also a folder holding exactly one hookpoint subfolder (e.g. layers.3/)
 
 Writes go to a temporary sibling and are renamed into place, so a crash never leaves a directory that looks complete.
+What differs between kinds (cfg keys, SAELens' threshold) each kind in sae.archs says for itself; this module knows
+the files and the four tensors every kind has.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .archs import SAEConfig, SparseAutoencoder, build
-from .errors import InputError
+from .archs import SAEConfig, SparseAutoencoder, Stored, config_int, load_state, saelens_kind, sparsify_kind
+from .errors import InputError, first_line
 
 FORMATS = ("native", "saelens", "sparsify")
 CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors", "sae_weights.safetensors", \
@@ -30,6 +32,9 @@ CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae.safete
 # TransformerLens hook names (what SAELens records) of our sites
 _SAELENS_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 _SITE_OF_HOOK = {v: k for k, v in _SAELENS_HOOKS.items()}
+_SAELENS_SHARED = ("W_enc", "b_enc", "W_dec", "b_dec")
+# sparsify's hookpoint folder suffixes (layers.3.mlp) of our sites
+_SPARSIFY_SITES = {"mlp": "mlp", "attn": "attn", "self_attn": "attn", "attention": "attn"}
 
 
 # ---------------------------------------------------------------- writing
@@ -74,33 +79,15 @@ def save_native(sae: SparseAutoencoder, out_dir: str | Path, extra: dict | None 
     return Path(out_dir)
 
 
-def _dense_threshold(sae: SparseAutoencoder) -> torch.Tensor | None:
-    """Per-latent float32 threshold for threshold archs (JumpReLU, BatchTopK at inference), else None."""
-    if sae.cfg.arch == "jumprelu":
-        return sae.threshold.detach().float()
-    if sae.cfg.arch == "batchtopk":
-        return sae.threshold.detach().float().expand(sae.cfg.n_latents).clone()
-    return None
-
-
 def save_saelens(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     c = sae.cfg
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    threshold = _dense_threshold(sae)
-    if threshold is not None:
-        # BatchTopK at inference is a JumpReLU with one shared threshold
-        arch = "jumprelu"
-        tensors["threshold"] = threshold
-    else:
-        arch = {"topk": "topk", "relu": "standard"}[c.arch]
+    kind_cfg, kind_tensors = sae.to_saelens()
+    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec, **kind_tensors}
     hook_name = f"blocks.{c.layer}.{_SAELENS_HOOKS.get(c.site, c.site)}"
     meta = {"model_name": c.model, "hook_name": hook_name, "hook_layer": c.layer, "hook_head_index": None,
             "context_size": c.ctx_len, "prepend_bos": True}
-    cfg = {"architecture": arch, "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
+    cfg = {**kind_cfg, "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "activation_fn_str": "topk" if arch == "topk" else "relu",
-           "activation_fn_kwargs": {"k": c.k} if arch == "topk" else {},
-           **({"k": c.k} if arch == "topk" else {}),
            # legacy (SAELens < 6) keys at the top level, the same values under "metadata" for SAELens 6
            **meta, "metadata": meta}
     with _atomic_dir(out_dir) as tmp:
@@ -111,15 +98,12 @@ def save_saelens(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
 
 def save_sparsify(sae: SparseAutoencoder, out_dir: str | Path) -> Path:
     c = sae.cfg
-    if c.arch != "topk":
-        raise InputError(f"the sparsify format holds TopK SAEs only, not {c.arch!r}; "
-                         "convert this SAE --to native or --to saelens instead")
+    kind_cfg = sae.to_sparsify()
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     # sparsify's loader drops the fields it does not know, so model/layer/site ride along for our loader
-    cfg = {"activation": "topk", "expansion_factor": max(c.n_latents // c.d_in, 1), "normalize_decoder": True,
-           "num_latents": c.n_latents, "k": c.k, "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": c.d_in, "model": c.model, "layer": c.layer, "site": c.site,
-           "ctx_len": c.ctx_len}
+    cfg = {**kind_cfg, "expansion_factor": max(c.n_latents // c.d_in, 1), "normalize_decoder": True,
+           "num_latents": c.n_latents, "skip_connection": False, "transcode": False, "d_in": c.d_in,
+           "model": c.model, "layer": c.layer, "site": c.site, "ctx_len": c.ctx_len}
     with _atomic_dir(out_dir) as tmp:
         save_file(_cpu(tensors), str(tmp / SPARSIFY_WEIGHTS))
         _write_json(tmp / CFG, cfg)
@@ -144,7 +128,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, and OSError, and more
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e)
         raise InputError(f"{path} is corrupt or truncated ({first}); re-save or re-download it") from None
 
 
@@ -155,7 +139,8 @@ def detect(path: str | Path) -> tuple[str, Path]:
     if p.is_file() and p.name in (CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS):
         p = p.parent
     if not p.is_dir():
-        raise InputError(f"SAE directory {str(path)!r} not found; give a folder holding cfg.json and a .safetensors file")
+        raise InputError(f"SAE directory {str(path)!r} not found; "
+                         "give a folder holding cfg.json and a .safetensors file")
     if (p / CFG).is_file():
         if (p / SAELENS_WEIGHTS).is_file():
             return "saelens", p
@@ -173,28 +158,10 @@ def detect(path: str | Path) -> tuple[str, Path]:
                      "or sae_weights.safetensors (SAELens)")
 
 
-def _build(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path) -> SparseAutoencoder:
-    sae = build(cfg)
-    own = sae.state_dict()
-    try:
-        sae.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise InputError(f"{where}: weights do not match its cfg.json ({first})") from None
-    return sae.eval()
-
-
 def _need(state: dict, names: tuple[str, ...], where: Path) -> None:
     missing = [n for n in names if n not in state]
     if missing:
         raise InputError(f"{where} lacks tensors {', '.join(missing)}; it is not a complete SAE file")
-
-
-def _int(cfg: dict, key: str, where: Path) -> int:
-    try:
-        return int(cfg[key])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{where} has no integer {key!r}") from None
 
 
 def _load_native(d: Path) -> SparseAutoencoder:
@@ -203,7 +170,7 @@ def _load_native(d: Path) -> SparseAutoencoder:
         cfg = SAEConfig.from_dict(raw)
     except TypeError:
         raise InputError(f"{d / CFG} lacks d_in or n_latents; the SAE directory is damaged") from None
-    return _build(cfg, _read_tensors(d / NATIVE_WEIGHTS), d / NATIVE_WEIGHTS)
+    return load_state(cfg, _read_tensors(d / NATIVE_WEIGHTS), d / NATIVE_WEIGHTS)
 
 
 def _saelens_where(raw: dict) -> tuple[str, int, str]:
@@ -223,28 +190,8 @@ def _saelens_where(raw: dict) -> tuple[str, int, str]:
     return str(meta.get("model_name") or ""), layer, site
 
 
-def _load_saelens(d: Path) -> SparseAutoencoder:
-    raw = _read_json(d / CFG)
-    wfile = d / SAELENS_WEIGHTS
-    state = _read_tensors(wfile)
-    _need(state, ("W_enc", "b_enc", "W_dec", "b_dec"), wfile)
-    d_in, n = _int(raw, "d_in", d / CFG), _int(raw, "d_sae", d / CFG)
-    if str(raw.get("normalize_activations") or "none") != "none":
-        raise InputError(f"{d / CFG}: normalize_activations={raw['normalize_activations']!r} is not supported; "
-                         "only SAEs trained on raw activations ('none') load")
-    arch_raw = str(raw.get("architecture") or "standard")
-    fn = str(raw.get("activation_fn_str") or "relu")
-    kwargs = raw.get("activation_fn_kwargs") or {}
-    if arch_raw == "topk" or (arch_raw == "standard" and fn == "topk"):
-        arch, k = "topk", int(raw.get("k") or kwargs.get("k") or 0)
-    elif arch_raw == "jumprelu":
-        arch, k = "jumprelu", min(32, n - 1)
-    elif arch_raw == "standard" and fn == "relu":
-        arch, k = "relu", min(32, n - 1)
-    else:
-        raise InputError(f"{d / CFG}: SAELens architecture {arch_raw!r} with activation {fn!r} is not supported; "
-                         "supported: standard (relu), topk, jumprelu")
-    model, layer, site = _saelens_where(raw)
+def _saelens_weights(raw: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shared four in our layout, with SAELens' variants folded in."""
     W_enc = state["W_enc"].float().T.contiguous()
     b_enc, b_dec, W_dec = state["b_enc"].float(), state["b_dec"].float(), state["W_dec"].float()
     if "scaling_factor" in state:  # finetuning scaling multiplies the latents before decoding
@@ -252,40 +199,50 @@ def _load_saelens(d: Path) -> SparseAutoencoder:
     if not raw.get("apply_b_dec_to_input", True):
         # we always encode x - b_dec; fold it back into the encoder bias
         b_enc = b_enc + W_enc @ b_dec
-    ours = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    if arch == "jumprelu":
-        if "threshold" in state:
-            log_t = state["threshold"].float().clamp_min(1e-12).log()
-        elif "log_threshold" in state:
-            log_t = state["log_threshold"].float()
-        else:
-            raise InputError(f"{wfile} is a jumprelu SAE without a threshold tensor")
-        ours["log_threshold"] = log_t
-    cfg = SAEConfig(d_in=d_in, n_latents=n, arch=arch, k=k, model=model, layer=layer, site=site,
-                    ctx_len=int((raw.get("metadata") or raw).get("context_size") or 128))
-    return _build(cfg, ours, wfile)
+    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+
+
+def _load_saelens(d: Path) -> SparseAutoencoder:
+    raw = _read_json(d / CFG)
+    wfile = d / SAELENS_WEIGHTS
+    state = _read_tensors(wfile)
+    _need(state, _SAELENS_SHARED, wfile)
+    d_in, n = config_int(raw, "d_in", d / CFG), config_int(raw, "d_sae", d / CFG)
+    if str(raw.get("normalize_activations") or "none") != "none":
+        raise InputError(f"{d / CFG}: normalize_activations={raw['normalize_activations']!r} is not supported; "
+                         "only SAEs trained on raw activations ('none') load")
+    architecture, fn = str(raw.get("architecture") or "standard"), str(raw.get("activation_fn_str") or "relu")
+    kind = saelens_kind(architecture, fn)
+    if kind is None:
+        raise InputError(f"{d / CFG}: SAELens architecture {architecture!r} with activation {fn!r} is not supported; "
+                         "supported: standard (relu), topk, jumprelu")
+    model, layer, site = _saelens_where(raw)
+    common = {"d_in": d_in, "n_latents": n, "model": model, "layer": layer, "site": site,
+              "ctx_len": int((raw.get("metadata") or raw).get("context_size") or 128)}
+    extra = {k: v for k, v in state.items() if k not in _SAELENS_SHARED}
+    return kind.from_saelens(Stored(raw, _saelens_weights(raw, state), extra, common, d / CFG, wfile))
 
 
 def _load_sparsify(d: Path) -> SparseAutoencoder:
     raw = _read_json(d / CFG)
     wfile = d / SPARSIFY_WEIGHTS
-    if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
+    kind = sparsify_kind(str(raw.get("activation", "topk")))
+    if kind is None or raw.get("transcode") or raw.get("skip_connection"):
         raise InputError(f"{d / CFG}: only plain TopK sparse autoencoders load from sparsify "
                          "(not groupmax, transcoders or skip connections)")
-    d_in = _int(raw, "d_in", d / CFG)
+    d_in = config_int(raw, "d_in", d / CFG)
     n = int(raw.get("num_latents") or 0) or d_in * int(raw.get("expansion_factor") or 32)
     state = _read_tensors(wfile)
     _need(state, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), wfile)
     # the hookpoint folder name (layers.3, layers.3.mlp) says where the SAE reads when the cfg does not
     m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks)\.(\d+)(?:\.(\w+))?", d.name)
-    site_guess = {"mlp": "mlp", "attn": "attn", "self_attn": "attn", "attention": "attn"}.get(m.group(2) or "", "resid") \
-        if m else "resid"
-    cfg = SAEConfig(d_in=d_in, n_latents=n, arch="topk", k=_int(raw, "k", d / CFG), model=str(raw.get("model") or ""),
-                    layer=int(raw.get("layer", int(m.group(1)) if m else 0)), site=str(raw.get("site") or site_guess),
-                    ctx_len=int(raw.get("ctx_len") or 128))
+    site_guess = _SPARSIFY_SITES.get(m.group(2) or "", "resid") if m else "resid"
+    common = {"d_in": d_in, "n_latents": n, "model": str(raw.get("model") or ""),
+              "layer": int(raw.get("layer", int(m.group(1)) if m else 0)), "site": str(raw.get("site") or site_guess),
+              "ctx_len": int(raw.get("ctx_len") or 128)}
     ours = {"W_enc": state["encoder.weight"].float(), "b_enc": state["encoder.bias"].float(),
             "W_dec": state["W_dec"].float(), "b_dec": state["b_dec"].float()}
-    return _build(cfg, ours, wfile)
+    return kind.from_sparsify(Stored(raw, ours, {}, common, d / CFG, wfile))
 
 
 LOADERS = {"native": _load_native, "saelens": _load_saelens, "sparsify": _load_sparsify}

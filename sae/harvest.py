@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .configs import HarvestConfig
 from .errors import InputError
 
 M32 = 0xFFFFFFFF
@@ -41,20 +42,7 @@ EMPTY_HASH = 1 << 62
 SUM_SCALE = 1 << 16          # activation sums are kept in fixed point so shard merges add exactly
 KINDS = ("top", "quantile", "random")
 SPLITS = ("explain", "score")
-
-
-@dataclass
-class HarvestConfig:
-    top_k: int = 50
-    ctx: int = 32            # window width shown around each example's max
-    n_bins: int = 10
-    per_bin: int = 5
-    n_random: int = 20
-    reservoir: int = 64      # hashed token sample per feature feeding the quantile bins
-    pool: int = 256          # random contexts kept for the non-firing examples
-    hist_bins: int = 50
-    n_logits: int = 10
-    seed: int = 0
+FEATURE_CHUNK = 16384        # feature rows handled at a time where all rows at once would make a large transient
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -128,7 +116,7 @@ class _Bank:
         if self.buf_size >= self.flush_at:
             self.flush()
 
-    def flush(self, chunk: int = 16384) -> None:
+    def flush(self, chunk: int = FEATURE_CHUNK) -> None:
         if not self.buf:
             return
         # joined column by column, each column's pieces dropped once joined, and read through `order` rather
@@ -181,9 +169,10 @@ class _Bank:
 class HarvestState:
     """The mergeable partial result of a harvest over some of the corpus's contexts."""
 
-    def __init__(self, n_features: int, ctx_len: int, cfg: HarvestConfig = HarvestConfig(), device="cpu"):
+    def __init__(self, n_features: int, ctx_len: int, cfg: HarvestConfig | None = None, device="cpu"):
+        cfg = cfg or HarvestConfig()
         self.cfg, self.n, self.L = cfg, n_features, ctx_len
-        self.width = min(cfg.ctx, ctx_len)
+        self.width = min(cfg.window, ctx_len)
         self.device = torch.device(device)
         dev = self.device
         self.n_tokens = 0
@@ -289,9 +278,9 @@ class HarvestState:
         ref = set(self.pool)
         # a chunk of feature rows at a time: all rows' keys at once (and unique's copies of them) would be a
         # transient several times the size of the banks' keys, the largest of the whole streaming phase
-        for lo in range(0, self.n, 16384):
+        for lo in range(0, self.n, FEATURE_CHUNK):
             for b in (self.top, self.res):
-                k = b.key[lo:lo + 16384]
+                k = b.key[lo:lo + FEATURE_CHUNK]
                 ref.update(torch.unique(k[k >= 0] // self.L).tolist())
         return ref
 
@@ -339,7 +328,8 @@ class HarvestState:
         """The whole result in memory: fine for small SAEs and tests; write_harvest takes result_chunks."""
         return next(self.result_chunks(logits, chunk=max(self.n, 1)))
 
-    def result_chunks(self, logits: "LogitTokens | None" = None, chunk: int = 16384) -> Iterator["HarvestResult"]:
+    def result_chunks(self, logits: "LogitTokens | None" = None,
+                      chunk: int = FEATURE_CHUNK) -> Iterator["HarvestResult"]:
         """The result as consecutive feature ranges, each finalised only when asked for: finalising and
         writing a chunk at a time keeps the result's arrays from ever existing for all features at once, so
         peak memory is the state plus one chunk's examples. Concatenated they are exactly result()."""
@@ -390,44 +380,45 @@ class HarvestState:
     def _quantile_examples(self, f_lo, f_hi):
         cfg, L = self.cfg, self.L
         out = []
-        for lo in range(f_lo, f_hi, 16384):
-            sl = slice(lo, min(lo + 16384, f_hi))
-            f0 = torch.arange(sl.start, sl.stop, device=self.device)
-            tk, rk = self.top.key[sl], self.res.key[sl]
-            key = torch.cat([rk, tk], 1)
-            val = torch.cat([self.res.val[sl], self.top.val[sl]], 1)
-            h = keyhash(cfg.seed, f0[:, None].expand_as(key), key.clamp_min(0))
+        for lo in range(f_lo, f_hi, FEATURE_CHUNK):
+            rows = slice(lo, min(lo + FEATURE_CHUNK, f_hi))
+            features = torch.arange(rows.start, rows.stop, device=self.device)
+            top_keys, res_keys = self.top.key[rows], self.res.key[rows]
+            # the known tokens of each feature: its reservoir sample, then its top contexts' maxima
+            key = torch.cat([res_keys, top_keys], 1)
+            val = torch.cat([self.res.val[rows], self.top.val[rows]], 1)
+            hashes = keyhash(cfg.seed, features[:, None].expand_as(key), key.clamp_min(0))
             valid = key >= 0
-            score_ctx = torch.where(tk[:, 1::2] >= 0, tk[:, 1::2] // L, -2)
+            score_ctx = torch.where(top_keys[:, 1::2] >= 0, top_keys[:, 1::2] // L, -2)
             valid &= ~((key // L)[:, :, None] == score_ctx[:, None, :]).any(-1)
-            mx = self.top.val[sl, :1].clamp_min(1e-30)
-            qbin = torch.floor(val * cfg.n_bins / mx).long().clamp(0, cfg.n_bins - 1)
-            comp = torch.where(valid, (qbin << 33) + h, torch.full_like(h, 1 << 62))
-            comp, order = comp.sort(dim=1, stable=True)
-            skey = key.gather(1, order)
+            max_act = self.top.val[rows, :1].clamp_min(1e-30)
+            qbin = torch.floor(val * cfg.n_bins / max_act).long().clamp(0, cfg.n_bins - 1)
+            # sorting by (bin, hash) at once: bin in the high bits, the 32-bit hash below
+            bin_hash = torch.where(valid, (qbin << 33) + hashes, torch.full_like(hashes, 1 << 62))
+            bin_hash, order = bin_hash.sort(dim=1, stable=True)
+            sorted_keys = key.gather(1, order)
             dup = torch.zeros_like(valid)
-            dup[:, 1:] = (comp[:, 1:] == comp[:, :-1]) & (skey[:, 1:] == skey[:, :-1])
-            sb = comp >> 33
-            start = torch.ones_like(valid)
-            start[:, 1:] = sb[:, 1:] != sb[:, :-1]
-            ar = torch.arange(comp.shape[1], device=comp.device).expand_as(comp)
-            first = torch.where(start, ar, torch.zeros_like(ar)).cummax(1).values
+            dup[:, 1:] = (bin_hash[:, 1:] == bin_hash[:, :-1]) & (sorted_keys[:, 1:] == sorted_keys[:, :-1])
+            sorted_bins = bin_hash >> 33
+            starts_bin = torch.ones_like(valid)
+            starts_bin[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
+            position = torch.arange(bin_hash.shape[1], device=bin_hash.device).expand_as(bin_hash)
+            bin_start = torch.where(starts_bin, position, torch.zeros_like(position)).cummax(1).values
             # rank among non-duplicates: duplicates are adjacent, so subtract the ones before in the bin
-            ndup = torch.cumsum(dup.long(), 1)
-            ndup_first = ndup.gather(1, first)
-            rank = ar - first - (ndup - ndup_first)
-            ok = (comp < (1 << 62)) & ~dup & (rank < cfg.per_bin)
-            fi, ci = ok.nonzero(as_tuple=True)
-            src = order[fi, ci]
-            C = self.res.cap
-            from_res = src < C
-            win = torch.where(from_res[:, None], self.res.win[sl][fi, src.clamp(max=C - 1)],
-                              self.top.win[sl][fi, (src - C).clamp(min=0)])
-            scale = torch.where(from_res, self.res.scale[sl][fi, src.clamp(max=C - 1)],
-                                self.top.scale[sl][fi, (src - C).clamp(min=0)])
-            b = sb[fi, ci]
-            out.append(self._rows(f0[fi], skey[fi, ci], 1, torch.zeros_like(fi), b * cfg.per_bin + rank[fi, ci],
-                                  b, win, scale))
+            dups_before = torch.cumsum(dup.long(), 1)
+            dups_before_bin = dups_before.gather(1, bin_start)
+            rank = position - bin_start - (dups_before - dups_before_bin)
+            chosen = (bin_hash < (1 << 62)) & ~dup & (rank < cfg.per_bin)
+            row, col = chosen.nonzero(as_tuple=True)
+            slot = order[row, col]      # into [reservoir entries, top entries]
+            res_cap = self.res.cap
+            from_res = slot < res_cap
+            res_slot, top_slot = slot.clamp(max=res_cap - 1), (slot - res_cap).clamp(min=0)
+            win = torch.where(from_res[:, None], self.res.win[rows][row, res_slot], self.top.win[rows][row, top_slot])
+            scale = torch.where(from_res, self.res.scale[rows][row, res_slot], self.top.scale[rows][row, top_slot])
+            bins = sorted_bins[row, col]
+            out.append(self._rows(features[row], sorted_keys[row, col], 1, torch.zeros_like(row),
+                                  bins * cfg.per_bin + rank[row, col], bins, win, scale))
         return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
     def _random_examples(self, f_lo, f_hi):
@@ -530,7 +521,10 @@ def logit_tokens(W_dec: torch.Tensor, W_U: torch.Tensor, n: int = 10, chunk: int
     for i in range(0, W_dec.shape[0], chunk):
         s = W_dec[i:i + chunk].float() @ W_U.float().T
         parts.append((s.topk(n, 1), s.topk(n, 1, largest=False)))
-    cat = lambda xs: torch.cat(xs).cpu().numpy()
+
+    def cat(xs):
+        return torch.cat(xs).cpu().numpy()
+
     return LogitTokens(cat([p[0].indices for p in parts]).astype(np.int32), cat([p[0].values for p in parts]),
                        cat([p[1].indices for p in parts]).astype(np.int32), cat([p[1].values for p in parts]))
 
@@ -552,14 +546,17 @@ def shard_batches(contexts: Iterator[list[int]], n_contexts: int, batch_size: in
         yield torch.arange(c + 1 - len(buf), c + 1), torch.tensor(buf, dtype=torch.long)
 
 
-def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig = HarvestConfig(), ctx_len: int = 64,
-            batch_size: int = 16, shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
-    """Streams `tokens` tokens of `corpus` (this shard's part) through model and SAE into a HarvestState."""
+def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = None, batch_size: int = 16,
+            shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
+    """Streams `tokens` tokens of `corpus` (this shard's part), in contexts of cfg.ctx_len tokens, through model
+    and SAE into a HarvestState."""
     from tqdm import tqdm
 
     from .corpus import iter_contexts
     from .models import content_mask
 
+    cfg = cfg or HarvestConfig()
+    ctx_len = cfg.ctx_len
     if sae.cfg.d_in != hooked.d_in:
         raise InputError(f"the SAE reads d_in={sae.cfg.d_in} but {type(hooked.model).__name__} layer "
                          f"{hooked.layer} site {hooked.site} gives {hooked.d_in}; use the SAE's own model/layer/site")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 SITES = ("resid", "mlp", "attn")
 
@@ -47,7 +47,7 @@ def load_tokenizer(name: str):
 
 
 def _load_error(name: str, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     return (f"cannot load model {name!r}: {first[:200]} "
             "(give a local model directory, a Hugging Face id reachable offline, or 'minilm')")
 

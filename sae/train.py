@@ -24,79 +24,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .archs import ARCHS, SAEConfig, SparseAutoencoder, build
-from .errors import InputError
+from .archs import SAEConfig, SparseAutoencoder, build
+from .configs import TrainConfig
+from .errors import InputError, first_line
 
 CKPT_DIR, CKPT_FILE = "checkpoint", "state.pt"
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    layer: int
-    corpus: str = "builtin"
-    latents: int = 4096
-    k: int = 32
-    tokens: int = 1_000_000
-    out: str = "runs/sae"
-    site: str = "resid"
-    arch: str = "topk"
-    device: str = "auto"
-    ctx_len: int = 128
-    batch_tokens: int | None = None  # default: about tokens/400 (a power of two in 512..4096), so short runs still
-                                     # take a few hundred steps
-    lr: float | None = None          # default: see base_lr
-    seed: int = 0
-    resume: bool = False
-    buffer_tokens: int = 65_536      # shuffle buffer: each batch mixes ~buffer_tokens/ctx_len contexts
-    warmup_steps: int = 100
-    decay_frac: float = 0.5          # linear decay to zero over this last fraction of the steps
-    dead_tokens: int | None = None   # a latent is dead after this many tokens unfired; default scales with tokens
-    checkpoint_every: int = 500      # steps
-    max_steps: int | None = None     # stop (with a checkpoint, no final SAE) after this many steps; resume later
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.batch_tokens is None:
-            self.batch_tokens = int(min(4096, max(512, 2 ** round(math.log2(max(self.tokens, 1) / 400)))))
-
-    @property
-    def base_lr(self) -> float:
-        """sparsify's 2e-4 / sqrt(latents / 16384) for runs of 10M tokens and more; shorter runs take fewer
-        steps and get larger ones, ~1/sqrt(tokens), up to 8x (measured on MiniLM at 200k tokens, README)."""
-        if self.lr is not None:
-            return self.lr
-        return 2e-4 / math.sqrt(self.latents / 16384) * min(8.0, max(1.0, math.sqrt(1e7 / self.tokens)))
-
-    @property
-    def total_steps(self) -> int:
-        return max(1, self.tokens // self.batch_tokens)
-
-    @property
-    def dead_after(self) -> int:
-        # 10M tokens for real runs (Gao et al.); a short run scales it down so AuxK still gets to act
-        return self.dead_tokens or min(10_000_000, max(self.tokens // 20, 2 * self.batch_tokens))
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Everything that can be checked without loading the model, before anything is written."""
-    from .models import SITES
-
-    for name in ("latents", "k", "tokens", "batch_tokens", "ctx_len", "buffer_tokens", "checkpoint_every"):
-        if int(getattr(cfg, name)) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.k >= cfg.latents:
-        raise InputError(f"--k ({cfg.k}) must be smaller than --latents ({cfg.latents})")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise InputError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.layer < 0:
-        raise InputError(f"--layer must be 0 or more, got {cfg.layer}")
-    if cfg.arch not in ARCHS:
-        raise InputError(f"unknown --arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
-    if cfg.site not in SITES:
-        raise InputError(f"unknown --site {cfg.site!r}; valid sites: {', '.join(SITES)}")
-    if cfg.tokens < cfg.batch_tokens:
-        raise InputError(f"--tokens ({cfg.tokens}) must be at least --batch-tokens ({cfg.batch_tokens})")
+def check_out_dir(cfg: TrainConfig) -> None:
+    """The checks that look at the disk, made before anything is written."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory; give a directory path")
@@ -277,7 +213,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     try:
         state = torch.load(out / CKPT_DIR / CKPT_FILE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a damaged file
-        raise InputError(f"cannot read checkpoint {out / CKPT_DIR / CKPT_FILE}: {str(e)[:150]}") from None
+        raise InputError(f"cannot read checkpoint {out / CKPT_DIR / CKPT_FILE}: {first_line(e)[:150]}") from None
     diff = [f"{k}={state['cfg'][k]!r}" for k in _RESUME_KEYS if state["cfg"].get(k) != getattr(cfg, k)]
     if diff:
         raise InputError(f"--resume: the checkpoint in {out} was made with {', '.join(diff)}; "
@@ -291,12 +227,8 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train and save the SAE into cfg.out; returns a summary (tokens, seconds, fvu, l0, dead_frac, out)."""
-    from .formats import save_native
-    from .models import hooked
-
-    validate(cfg)
+def _init_distributed(cfg: TrainConfig) -> tuple[int, int, str]:
+    """(rank, world, device); under torchrun each rank takes its local GPU and joins the process group."""
     rank, world, local_rank = _distributed()
     device = cfg.device
     if world > 1:
@@ -306,41 +238,43 @@ def train(cfg: TrainConfig) -> dict:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
-    torch.manual_seed(cfg.seed)
-    hm = hooked(cfg.model, cfg.layer, cfg.site, device=device)
-    out = Path(cfg.out)
-    state = load_checkpoint(out, cfg) if cfg.resume else None
-    stream = ActivationStream(hm, cfg, skip_contexts=state["stream"]["consumed"] if state else 0)
-    if state:
-        stream.load(state["stream"])
-    else:
-        sample = stream.peek(8192)  # reads the corpus: an empty or missing one fails here, before OUT is touched
-        if sample.shape[0] < cfg.batch_tokens:
-            raise InputError(f"corpus {cfg.corpus!r} yields only {sample.shape[0]} training tokens, fewer than "
-                             f"--batch-tokens {cfg.batch_tokens}; give a larger corpus or a smaller batch")
-    sae = build(SAEConfig(d_in=hm.d_in, n_latents=cfg.latents, arch=cfg.arch, k=cfg.k, model=cfg.model,
-                          layer=cfg.layer, site=cfg.site, ctx_len=cfg.ctx_len), device=hm.device)
-    trainer = Trainer(sae, cfg, rank, world)
-    if state:
-        trainer.load(state["trainer"])
-        torch.set_rng_state(state["rng"])
-        scale = state["scale"]
-    else:
-        scale = math.sqrt(hm.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(sample * scale))
-        sae.calibrate(sample * scale)
-        if rank == 0 and out.exists():
-            # a fresh run replaces an earlier one here: it must not look finished while this one runs
-            for name in ("cfg.json", "sae.safetensors", f"{CKPT_DIR}/{CKPT_FILE}"):
-                (out / name).unlink(missing_ok=True)
+    return rank, world, device
 
+
+def _first_sample(stream: ActivationStream, cfg: TrainConfig) -> torch.Tensor:
+    """The activations a fresh run calibrates on; reading them is the corpus's first use, so an empty or
+    missing corpus fails here, before OUT is touched."""
+    sample = stream.peek(8192)
+    if sample.shape[0] < cfg.batch_tokens:
+        raise InputError(f"corpus {cfg.corpus!r} yields only {sample.shape[0]} training tokens, fewer than "
+                         f"--batch-tokens {cfg.batch_tokens}; give a larger corpus or a smaller batch")
+    return sample
+
+
+def _start_fresh(sae: SparseAutoencoder, sample: torch.Tensor, out: Path, rank: int) -> float:
+    """Input scale, b_dec at the geometric median and the architecture's calibration; clears an earlier
+    run's files. Returns the scale."""
+    scale = math.sqrt(sae.cfg.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample * scale))
+    sae.calibrate(sample * scale)
+    if rank == 0 and out.exists():
+        # a fresh run replaces an earlier one here: it must not look finished while this one runs
+        for name in ("cfg.json", "sae.safetensors", f"{CKPT_DIR}/{CKPT_FILE}"):
+            (out / name).unlink(missing_ok=True)
+    return scale
+
+
+def _loop(trainer: Trainer, stream: ActivationStream, scale: float, cfg: TrainConfig, out: Path,
+          rank: int) -> tuple[list[StepStats], bool]:
+    """Steps until the token budget, max_steps or the corpus runs out, checkpointing every
+    checkpoint_every steps. Returns the last 20 steps' stats and whether max_steps stopped it early."""
     bar = tqdm(total=cfg.tokens, initial=min(trainer.tokens_seen, cfg.tokens), unit="tok", unit_scale=True,
                desc=f"train {cfg.arch} L{cfg.layer}", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                file=sys.stderr)
-    t0, recent, stats = time.perf_counter(), [], None
+    recent: list[StepStats] = []
     stopped_early = False
-    sae.train()
+    trainer.sae.train()
     while trainer.tokens_seen + cfg.batch_tokens <= cfg.tokens:
         if cfg.max_steps is not None and trainer.step_n >= cfg.max_steps:
             stopped_early = True
@@ -358,6 +292,48 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0 and trainer.step_n % cfg.checkpoint_every == 0:
             save_checkpoint(out, trainer, stream, scale, cfg)
     bar.close()
+    return recent, stopped_early
+
+
+def _save_final(trainer: Trainer, scale: float, cfg: TrainConfig, out: Path) -> None:
+    """The trained SAE with the input scale folded in, on the CPU, as a native SAE directory."""
+    from .formats import save_native
+
+    sae = trainer.sae
+    final = build(sae.cfg, device="cpu")
+    final.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
+    final.fold_input_scale(scale)
+    save_native(final, out, extra={"seed": cfg.seed, "corpus": cfg.corpus, "tokens": trainer.tokens_seen,
+                                   "input_scale": scale, "lr": cfg.base_lr, "batch_tokens": cfg.batch_tokens})
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train and save the SAE into cfg.out; returns a summary (tokens, seconds, fvu, l0, dead_frac, out)."""
+    from .models import hooked
+
+    check_out_dir(cfg)
+    rank, world, device = _init_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    hm = hooked(cfg.model, cfg.layer, cfg.site, device=device)
+    out = Path(cfg.out)
+    state = load_checkpoint(out, cfg) if cfg.resume else None
+    stream = ActivationStream(hm, cfg, skip_contexts=state["stream"]["consumed"] if state else 0)
+    if state:
+        stream.load(state["stream"])
+    else:
+        sample = _first_sample(stream, cfg)
+    sae = build(SAEConfig(d_in=hm.d_in, n_latents=cfg.latents, arch=cfg.arch, k=cfg.k, model=cfg.model,
+                          layer=cfg.layer, site=cfg.site, ctx_len=cfg.ctx_len), device=hm.device)
+    trainer = Trainer(sae, cfg, rank, world)
+    if state:
+        trainer.load(state["trainer"])
+        torch.set_rng_state(state["rng"])
+        scale = state["scale"]
+    else:
+        scale = _start_fresh(sae, sample, out, rank)
+
+    t0 = time.perf_counter()
+    recent, stopped_early = _loop(trainer, stream, scale, cfg, out, rank)
     seconds = time.perf_counter() - t0
     if rank == 0:
         save_checkpoint(out, trainer, stream, scale, cfg)
@@ -367,11 +343,7 @@ def train(cfg: TrainConfig) -> dict:
                "dead_frac": round(float(trainer.dead().float().mean()), 4), "scale": scale,
                "out": str(out), "finished": not stopped_early}
     if rank == 0 and not stopped_early:
-        final = build(sae.cfg, device="cpu")
-        final.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
-        final.fold_input_scale(scale)
-        save_native(final, out, extra={"seed": cfg.seed, "corpus": cfg.corpus, "tokens": trainer.tokens_seen,
-                                       "input_scale": scale, "lr": cfg.base_lr, "batch_tokens": cfg.batch_tokens})
+        _save_final(trainer, scale, cfg, out)
     if world > 1:
         dist.barrier()
     return summary

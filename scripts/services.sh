@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Makes sure PostgreSQL and Redis answer, starting them if they don't (the tests rely on both).
+# Makes sure the services the tests use answer, starting them if they don't: PostgreSQL (the catalog),
+# Redis (the default Celery broker and the shared rate limits) and RabbitMQ (the other broker the tests cover).
 set -uo pipefail
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q; }
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! pg_up; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
   for _ in $(seq 30); do pg_up && break; sleep 1; done
@@ -13,6 +15,11 @@ if ! redis_up; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
   for _ in $(seq 30); do redis_up && break; sleep 1; done
 fi
+if ! rabbit_up; then
+  rabbitmq-server -detached || true
+  for _ in $(seq 60); do rabbit_up && break; sleep 1; done
+fi
 pg_up || { echo "PostgreSQL is not answering on 127.0.0.1:5432" >&2; exit 1; }
 redis_up || { echo "Redis is not answering on 127.0.0.1:6379" >&2; exit 1; }
-echo "services: postgres and redis answer"
+rabbit_up || { echo "RabbitMQ is not answering on 127.0.0.1:5672" >&2; exit 1; }
+echo "services: postgres, redis and rabbitmq answer"

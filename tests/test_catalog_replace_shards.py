@@ -11,13 +11,13 @@ import psycopg
 import pytest
 import torch
 
-from interp.harvest_job import harvest_to_catalog, weights_sha
-from interp.store.features import feature_view
 from interp.db import connect
+from interp.harvest_job import harvest_to_catalog
+from interp.store.features import feature_view
 from sae.archs import SAEConfig, build
+from sae.configs import HarvestConfig
 from sae.formats import convert, load_sae, save_native
-from tests.test_db_catalog import (ENV, URL, catalog_rows, cli, conn, harvest_args, names,  # noqa: F401 - fixtures
-                                   sae_dir)
+from tests.helpers import ENV, URL, catalog_rows, harvest_args
 
 TOKENS = 1536
 
@@ -26,8 +26,8 @@ TOKENS = 1536
 def reference(conn, sae_dir):
     """The unsharded catalog rows of sae_dir over TOKENS builtin tokens."""
     name = f"t_{uuid.uuid4().hex[:10]}"
-    harvest_to_catalog(sae_dir, name, "builtin", TOKENS, ctx=16, ctx_len=32, top=10, batch_size=8, device="cpu",
-                       progress=False, url=URL)
+    harvest_to_catalog(sae_dir, name, "builtin", TOKENS, cfg=HarvestConfig(top_k=10, window=16, ctx_len=32),
+                       batch_size=8, device="cpu", progress=False, url=URL)
     yield catalog_rows(conn, name)
     conn.execute("DELETE FROM saes WHERE name = %s", (name,))
 
@@ -58,7 +58,7 @@ def test_shards_finishing_together_merge_exactly_once(conn, names, sae_dir, tmp_
         assert sorted(p.name for p in states.iterdir()) == ["shard-0-of-2.pt", "shard-1-of-2.pt"]
         gate.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
     results = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0 and "Traceback" not in err, err
     summaries = [json.loads(out) for out, _ in results]
     merged = [s for s in summaries if "merged_by" not in s]
@@ -70,11 +70,11 @@ def test_shards_finishing_together_merge_exactly_once(conn, names, sae_dir, tmp_
 
 def test_weights_sha_is_the_loaded_weights_whatever_the_format(sae_dir, tmp_path):
     lens = convert(sae_dir, "saelens", tmp_path / "lens")
-    assert weights_sha(load_sae(lens)) == weights_sha(load_sae(sae_dir))
+    assert load_sae(lens).firing_sha() == load_sae(sae_dir).firing_sha()
     sae = load_sae(sae_dir)
     with torch.no_grad():
         sae.b_dec[0] += 1e-6
-    assert weights_sha(sae) != weights_sha(load_sae(sae_dir))
+    assert sae.firing_sha() != load_sae(sae_dir).firing_sha()
 
 
 def _add_labels(conn, sid: int, features) -> list[int]:

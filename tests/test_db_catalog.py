@@ -1,6 +1,5 @@
 """The catalog against the real Postgres: migrations, a harvest written and read back, replace semantics,
 and the CLI's bad-input and crash behaviour."""
-import os
 import signal
 import subprocess
 import sys
@@ -13,88 +12,16 @@ import psycopg
 import pytest
 import torch
 
+from interp.db import connect, migrate, migration_files
 from interp.store.features import load_feature_examples
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta
-from interp.db import connect, migrate, migration_files
 from sae.archs import SAEConfig, build
 from sae.errors import InputError
 from sae.formats import save_native
 from sae.harvest import HarvestConfig, harvest
 from sae.models import hooked
-
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DATABASE_URL": URL}
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = connect(URL)
-    migrate(c)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def names(conn):
-    made = []
-
-    def new():
-        made.append(f"t_{uuid.uuid4().hex[:10]}")
-        return made[-1]
-
-    yield new
-    conn.execute("DELETE FROM saes WHERE name = ANY(%s)", (made,))
-
-
-@pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    sae = build(SAEConfig(d_in=384, n_latents=128, k=6, model="minilm", layer=1, site="resid"))
-    return str(save_native(sae, tmp_path_factory.mktemp("sae") / "minilm-l1"))
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Runs `interp ARGS` in this process through the CLI's own main(): (exit code, stdout, stderr)."""
-    from interp.cli import main
-    from interp.settings import get_settings
-
-    def run(*args, env=None):
-        for k, v in (env or {}).items():
-            monkeypatch.setenv(k, v)
-        get_settings.cache_clear()
-        monkeypatch.setattr(sys, "argv", ["interp", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code or 0
-        finally:
-            for k in env or {}:
-                monkeypatch.setenv(k, ENV[k])
-            get_settings.cache_clear()
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
-
-
-def harvest_args(sae_dir, name, *extra, tokens=1024):
-    return ("harvest", "--sae", sae_dir, "--name", name, "--corpus", "builtin", "--tokens", str(tokens),
-            "--ctx-len", "32", "--ctx", "16", "--top", "10", "--batch-size", "8", *extra)
-
-
-def catalog_rows(conn, name):
-    """Everything the catalog holds for an SAE, sae_id left out, comparable across names."""
-    sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()
-    if sid is None:
-        return None
-    feats = conn.execute("SELECT idx, density, n_fired, max_act, mean_act, hist, hist_max FROM features"
-                         " WHERE sae_id = %s ORDER BY idx", sid).fetchall()
-    exs = conn.execute("SELECT feature, kind, split, ctx, start, max_pos, quantile_bin, scale, acts FROM examples"
-                       " WHERE sae_id = %s ORDER BY feature, kind, split", sid).fetchall()
-    return feats, exs
+from tests.helpers import ENV, URL, catalog_rows, harvest_args
 
 
 # ---------------------------------------------------------------- migrations
@@ -137,7 +64,7 @@ def harvested(sae_dir):
 
     sae = load_sae(sae_dir)
     hm = hooked("minilm", 1, "resid", "cpu")
-    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, window=16, ctx_len=32), batch_size=8,
                     progress=False)
     return sae, hm, state.result()
 
@@ -196,7 +123,7 @@ def test_writing_in_feature_chunks_equals_writing_the_whole_result(conn, names, 
 
     sae = load_sae(sae_dir)
     hm = hooked("minilm", 1, "resid", "cpu")
-    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, ctx=16), ctx_len=32, batch_size=8,
+    state = harvest(hm, sae, "builtin", 1024, HarvestConfig(top_k=10, window=16, ctx_len=32), batch_size=8,
                     progress=False)
     whole, chunked = names(), names()
     a = _write(conn, whole, sae, hm, state.result())
@@ -319,8 +246,8 @@ def test_causal_lm_harvest_stores_logit_tokens(conn, names, tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     sae = build(SAEConfig(d_in=32, n_latents=48, k=4, model=str(tmp_path / "gpt2"), layer=1, site="mlp"))
     name = names()
-    out = harvest_to_catalog(str(save_native(sae, tmp_path / "sae")), name, "builtin", 512, ctx=16, ctx_len=32,
-                             top=10, device="cpu", progress=False, url=URL)
+    out = harvest_to_catalog(str(save_native(sae, tmp_path / "sae")), name, "builtin", 512,
+                             cfg=HarvestConfig(top_k=10, window=16, ctx_len=32), device="cpu", progress=False, url=URL)
     assert out["features"] == 48 and out["tokens"] > 0
     v = feature_view(conn, name, 0)
     W = (sae.W_dec.detach() @ GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").lm_head.weight.T)[0]

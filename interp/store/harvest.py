@@ -1,9 +1,9 @@
-"""Writing a harvest into the catalog: binary COPY into session-temporary staging tables, a chunk of features
-at a time (so memory stays that of the harvest state plus one chunk), then one transaction swaps the SAE's
-rows in. With --replace and the same weights (weights_sha) the SAE row and its labels stay and only features,
-contexts and examples are swapped; other weights drop the old row and, by cascade, its labels. Readers therefore
-see the previous complete state or the new one, never a mix, and a process killed before that commit leaves
-nothing behind (its temp tables die with its session).
+"""Writing a harvest into the catalog: one transaction swaps the SAE's row and binary-COPYs its features,
+contexts and examples straight into their tables, a chunk of features at a time (so memory stays that of the
+harvest state plus one chunk). With --replace and the same weights (weights_sha) the SAE row and its labels stay
+and only features, contexts and examples are swapped; other weights drop the old row and, by cascade, its labels.
+Readers therefore see the previous complete state or the new one, never a mix, and a process killed before that
+commit leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -19,15 +19,6 @@ from sae.harvest import KINDS, SPLITS, HarvestResult
 
 from .saes import SAEMeta, name_taken, sae_id
 
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS stage_features (idx int, density real, n_fired bigint, max_act real,
-    mean_act real, hist int4[], hist_max real, top_logits int4[], top_logit_vals real[], bottom_logits int4[],
-    bottom_logit_vals real[]);
-CREATE TEMP TABLE IF NOT EXISTS stage_contexts (ctx int, token_ids int4[]);
-CREATE TEMP TABLE IF NOT EXISTS stage_examples (feature int, kind text, split text, width int2, ctx int4[],
-    start int2[], max_pos int2[], quantile_bin int2[], scale real[], acts bytea);
-TRUNCATE stage_features, stage_contexts, stage_examples;
-"""
 
 def _text(codes: np.ndarray, names: tuple[str, ...]) -> Col:
     enc = [n.encode() for n in names]
@@ -47,7 +38,7 @@ def example_groups(res: HarvestResult) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([[0], cuts]).astype(np.int64), np.concatenate([cuts, [len(ex)]]).astype(np.int64)
 
 
-def example_blocks(res: HarvestResult, block: int = 65536):
+def example_blocks(res: HarvestResult, sid: int, block: int = 65536):
     """Binary COPY data for the examples table, `block` rows at a time: one row per (feature, kind, split),
     the examples of that group packed into arrays."""
     ex = res.examples
@@ -60,20 +51,20 @@ def example_blocks(res: HarvestResult, block: int = 65536):
         n = ge - gs
         kind = ex.kind[gs].astype(np.int64)
         quant = ex.kind[a:b] == 1
-        cols = [Col(">i4", ex.feature[gs]), _text(kind, KINDS), _text(ex.split[gs].astype(np.int64), SPLITS),
+        cols = [Col(">i4", np.full(len(gs), sid)), Col(">i4", ex.feature[gs]), _text(kind, KINDS), _text(ex.split[gs].astype(np.int64), SPLITS),
                 Col(">i2", np.full(len(gs), res.width)), Col(">i4", ex.ctx[a:b], n), Col(">i2", ex.start[a:b], n),
                 Col(">i2", ex.max_pos[a:b], n), Col(">i2", ex.qbin[a:b][quant], np.where(kind == 1, n, -1)),
                 Col(">f4", ex.scale[a:b], n), Col("bytes", ex.acts[a:b].ravel(), n * res.width)]
         yield pgbinary.rows(cols, len(gs))
 
 
-def feature_blocks(res: HarvestResult, block: int = 262144):
+def feature_blocks(res: HarvestResult, sid: int, block: int = 262144):
     lg = res.logits
     nb = res.hist.shape[1]
     for a in range(0, res.n_features, block):
         b = min(a + block, res.n_features)
         m = b - a
-        cols = [Col(">i4", np.arange(a, b) + res.offset), Col(">f4", res.density[a:b]),
+        cols = [Col(">i4", np.full(m, sid)), Col(">i4", np.arange(a, b) + res.offset), Col(">f4", res.density[a:b]),
                 Col(">i8", res.n_fired[a:b]), Col(">f4", res.max_act[a:b]), Col(">f4", res.mean_act[a:b]),
                 Col(">i4", res.hist[a:b].ravel(), np.full(m, nb)), Col(">f4", res.hist_max[a:b])]
         if lg is not None:
@@ -85,12 +76,12 @@ def feature_blocks(res: HarvestResult, block: int = 262144):
         yield pgbinary.rows(cols, m)
 
 
-def context_blocks(res: HarvestResult, block: int = 65536, skip: set[int] = frozenset()):
+def context_blocks(res: HarvestResult, sid: int, block: int = 65536, skip: set[int] = frozenset()):
     ids = sorted(set(res.contexts) - skip)
     for a in range(0, len(ids), block):
         part = ids[a:a + block]
         toks = [res.contexts[c] for c in part]
-        yield pgbinary.rows([Col(">i4", np.array(part)),
+        yield pgbinary.rows([Col(">i4", np.full(len(part), sid)), Col(">i4", np.array(part)),
                              Col(">i4", np.concatenate(toks), np.array([len(t) for t in toks]))], len(part))
 
 
@@ -102,56 +93,59 @@ def _copy(cur, table: str, blocks) -> None:
         cp.write(pgbinary.TRAILER)
 
 
+def _swap_in(conn: psycopg.Connection, name: str, meta: SAEMeta, tokenizer: str | None, info: dict,
+             replace: bool) -> tuple[int, int]:
+    """Inside the write's transaction: the SAE's row, kept (same weights: its labels still describe these
+    features) or made anew (other weights: their labels cascade away). Returns (sae id, labels kept)."""
+    row = (meta.model, meta.layer, meta.site, meta.d_in, meta.n_features, meta.arch, meta.k, tokenizer,
+           Jsonb(meta.metrics), Jsonb(info), meta.path, meta.weights_sha)
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
+    old = conn.execute("SELECT id, weights_sha FROM saes WHERE name = %s", (name,)).fetchone()
+    if old is not None and not replace:
+        raise name_taken(name)
+    if old is not None and meta.weights_sha is not None and old[1] == meta.weights_sha:
+        sid = old[0]
+        conn.execute("UPDATE saes SET model = %s, layer = %s, site = %s, d_in = %s, n_features = %s, arch = %s,"
+                     " k = %s, tokenizer = %s, metrics = %s, harvest = %s, path = %s, weights_sha = %s"
+                     " WHERE id = %s", (*row, sid))
+        for table in ("features", "contexts", "examples"):
+            conn.execute(f"DELETE FROM {table} WHERE sae_id = %s", (sid,))
+        return sid, conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sid,)).fetchone()[0]
+    if old is not None:
+        conn.execute("DELETE FROM saes WHERE id = %s", (old[0],))
+    sid = conn.execute(
+        "INSERT INTO saes (name, model, layer, site, d_in, n_features, arch, k, tokenizer, metrics, harvest,"
+        " path, weights_sha) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (name, *row)).fetchone()[0]
+    return sid, 0
+
+
 def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
                   res: HarvestResult | Iterable[HarvestResult], *, tokenizer: str | None = None,
                   harvest_info: dict | None = None, replace: bool = False) -> dict:
     """Loads a harvest and makes it visible atomically; returns row counts. `res` is a HarvestResult or
-    consecutive chunks of one (HarvestState.result_chunks): each chunk is copied into staging and dropped
-    before the next is made, so only one chunk's result is ever in memory."""
+    consecutive chunks of one (HarvestState.result_chunks): each chunk is copied and dropped before the next
+    is made, so only one chunk's result is ever in memory.
+
+    The rows are copied straight into the catalog's tables inside the one transaction that also swaps the
+    SAE's row: readers see the old rows until it commits (MVCC), and an abort or a killed process leaves
+    nothing. Copying into staging first and moving the rows afterwards wrote every row twice."""
     if sae_id(conn, name) is not None and not replace:
         raise name_taken(name)
     chunks = [res] if isinstance(res, HarvestResult) else res
     n = {"features": 0, "examples": 0, "example_rows": 0, "contexts": 0}
-    seen: set[int] = set()   # contexts already staged: chunks share contexts, a context is stored once
+    seen: set[int] = set()   # contexts already copied: chunks share contexts, a context is stored once
     with conn.transaction():
-        conn.execute(_STAGING)
+        sid, kept = _swap_in(conn, name, meta, tokenizer, harvest_info or {}, replace)
         cur = conn.cursor()
         for part in chunks:
-            _copy(cur, "stage_features", feature_blocks(part))
-            _copy(cur, "stage_contexts", context_blocks(part, skip=seen))
-            _copy(cur, "stage_examples", example_blocks(part))
+            _copy(cur, "features", feature_blocks(part, sid))
+            _copy(cur, "contexts", context_blocks(part, sid, skip=seen))
+            _copy(cur, "examples", example_blocks(part, sid))
             seen.update(part.contexts)
             n["features"] += part.n_features
             n["examples"] += len(part.examples)
             n["example_rows"] += len(example_groups(part)[0]) if len(part.examples) else 0
             del part   # the generator makes the next chunk while this reference would still hold the last
         n["contexts"] = len(seen)
-    row = (meta.model, meta.layer, meta.site, meta.d_in, meta.n_features, meta.arch, meta.k, tokenizer,
-           Jsonb(meta.metrics), Jsonb(harvest_info or {}), meta.path, meta.weights_sha)
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("sae:" + name,))
-        old = conn.execute("SELECT id, weights_sha FROM saes WHERE name = %s", (name,)).fetchone()
-        if old is not None and not replace:
-            raise name_taken(name)
-        if old is not None and meta.weights_sha is not None and old[1] == meta.weights_sha:
-            # the same weights: labels (and jobs) still describe these features, so the row and they stay
-            sid = old[0]
-            conn.execute("UPDATE saes SET model = %s, layer = %s, site = %s, d_in = %s, n_features = %s, arch = %s,"
-                         " k = %s, tokenizer = %s, metrics = %s, harvest = %s, path = %s, weights_sha = %s"
-                         " WHERE id = %s", (*row, sid))
-            for table in ("features", "contexts", "examples"):
-                conn.execute(f"DELETE FROM {table} WHERE sae_id = %s", (sid,))
-            kept = conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sid,)).fetchone()[0]
-        else:
-            if old is not None:  # other weights: their labels describe other features and cascade away
-                conn.execute("DELETE FROM saes WHERE id = %s", (old[0],))
-            sid = conn.execute(
-                "INSERT INTO saes (name, model, layer, site, d_in, n_features, arch, k, tokenizer, metrics, harvest,"
-                " path, weights_sha) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (name, *row)).fetchone()[0]
-            kept = 0
-        conn.execute("INSERT INTO features SELECT %s, * FROM stage_features", (sid,))
-        conn.execute("INSERT INTO contexts SELECT %s, * FROM stage_contexts", (sid,))
-        conn.execute("INSERT INTO examples SELECT %s, * FROM stage_examples", (sid,))
-        conn.execute("TRUNCATE stage_features, stage_contexts, stage_examples")
     return {"sae_id": sid, **n, "labels_kept": kept}
