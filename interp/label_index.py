@@ -42,7 +42,18 @@ def meta_path(index_dir: str, catalog: str) -> Path:
 
 
 def embed(texts: list[str], encoder) -> np.ndarray:
-    return encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64).astype(np.float32)
+    """Unit-norm MiniLM vectors. A query (a few texts) is embedded on one thread: torch's intra-op threads wait
+    on each other, and on a busy 2-core machine that took one query from 35 ms to 500 ms."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if len(texts) <= 8:
+        torch.set_num_threads(1)
+    try:
+        out = encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    finally:
+        torch.set_num_threads(threads)
+    return out.astype(np.float32)
 
 
 @lru_cache(maxsize=1)
