@@ -212,6 +212,9 @@ def main() -> None:
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--keep", action="store_true", help="leave the synthetic SAE in the catalog")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)    # on a shared 2-core machine, torch's threads mostly wait on each other
     conn = connect()
     migrate(conn)
     name = f"bench_catalog_{uuid.uuid4().hex[:6]}"

@@ -18,6 +18,7 @@ from interp.store import export as store
 from interp.store.features import load_feature_examples
 from interp.store.labels import upsert_explanation, upsert_score
 from sae.archs import SAEConfig, build
+from sae.configs import HarvestConfig
 from sae.formats import save_native
 
 URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
@@ -43,8 +44,8 @@ def sae(conn, tmp_path_factory):
     model = build(SAEConfig(d_in=384, n_latents=N_LATENTS, k=6, model="minilm", layer=1, site="resid"))
     path = str(save_native(model, tmp_path_factory.mktemp("sae") / "minilm-l1"))
     name = f"t_export_{uuid.uuid4().hex[:8]}"
-    harvest_to_catalog(path, name, "builtin", 1024, ctx=16, ctx_len=32, top=5, batch_size=8, device="cpu",
-                       progress=False, url=URL)
+    harvest_to_catalog(path, name, "builtin", 1024, cfg=HarvestConfig(top_k=5, window=16, ctx_len=32), batch_size=8,
+                       device="cpu", progress=False, url=URL)
     sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()[0]
     for i in range(10):
         ok = i != 4
