@@ -99,7 +99,8 @@ def load(conn, name: str, n: int, vocab: list[str]) -> tuple[int, dict]:
         out["labels_s"] = dt
     finally:
         t = time.perf_counter()
-        bulk.create_search_indexes(conn)
+        with connect() as fresh:        # the load's connection may be the thing that failed
+            bulk.create_search_indexes(fresh)
         out["index_build_s"] = time.perf_counter() - t
     return sid, out
 
@@ -217,6 +218,7 @@ def main() -> None:
     torch.set_num_threads(1)    # on a shared 2-core machine, torch's threads mostly wait on each other
     conn = connect()
     migrate(conn)
+    bulk.create_search_indexes(conn)    # a no-op, unless a run stopped between dropping and building them
     name = f"bench_catalog_{uuid.uuid4().hex[:6]}"
     vocab = vocabulary(args.vocab)
     res: dict = {"n": args.n, "vocab": len(vocab)}

@@ -101,25 +101,40 @@ _OPEN: dict[Path, tuple[str, object]] = {}   # meta path -> (index file, index) 
 def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
     """The usearch index holding every stored embedding, or None when there is none. Up to date: opened
     memory-mapped (instant whatever its size) and kept open; behind: loaded, caught up and saved under the
-    lock; for another catalog, unreadable or `rebuild`: rebuilt from Postgres."""
+    lock; unreadable or `rebuild`: rebuilt from Postgres."""
+    try:
+        import usearch.index  # noqa: F401 - only to say so in one line when it is missing
+    except ImportError as e:
+        raise SemanticUnavailable(f"usearch cannot be imported ({e}); pip install usearch") from None
     catalog = store.catalog_uuid(conn)
     path = meta_path(index_dir, catalog)
     try:
         meta = None if rebuild else _read_meta(path)
         if meta is not None and store.last_seq(conn) == meta["seq"]:
-            return _view(path, meta["file"])
+            index = _view(path, meta["file"])
+            if index is not None:
+                return index
+            rebuild = True
         with _locked(path):
             return _catch_up(conn, path, catalog, rebuild)
     except OSError as e:
         raise SemanticUnavailable(f"the label index at {path} cannot be written ({e.strerror or e})") from None
 
 
-def _view(path: Path, file: str):
+def _restore(file: Path, view: bool):
+    """The index in `file`, or None when it cannot be read (it is then rebuilt from Postgres)."""
     from usearch.index import Index
 
+    try:
+        return Index.restore(str(file), view=view)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _view(path: Path, file: str):
     cached = _OPEN.get(path)
-    if cached is None or cached[0] != file:
-        cached = _OPEN[path] = (file, Index.restore(str(path.parent / file), view=True))
+    if cached is None or cached[0] != file or cached[1] is None:
+        cached = _OPEN[path] = (file, _restore(path.parent / file, view=True))
     return cached[1]
 
 
@@ -127,17 +142,15 @@ def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool)
     from usearch.index import Index
 
     meta = _read_meta(path)       # again, under the lock: another process may have caught up meanwhile
-    if meta is not None and not rebuild:
-        index, seq = Index.restore(str(path.parent / meta["file"])), int(meta["seq"])
-    else:
-        index, seq = None, 0
+    index = _restore(path.parent / meta["file"], view=False) if meta is not None and not rebuild else None
+    seq = int(meta["seq"]) if index is not None else 0
     added = 0
     for ids, vecs, last in store.embeddings_since(conn, seq):
         if index is None:
             index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16", **HNSW)
         index.add(ids, vecs, log=False)
         seq, added = last, added + len(ids)
-    if index is not None and (added or rebuild or meta is None):
+    if index is not None and (added or rebuild or meta is None or seq != int(meta["seq"])):
         new = {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}
         _save(index, path, new, meta)
         _OPEN[path] = (new["file"], index)

@@ -273,3 +273,20 @@ def test_a_backlog_of_unembedded_labels_is_said_once_and_worked_off(conn, index_
         assert notes == [] and "deserts and dunes" in labels_of(hits)
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def test_a_corrupt_index_file_is_rebuilt_from_postgres(conn, index_dir):
+    from interp import label_index
+
+    name, sid = make_sae(conn, {0: ("volcanic eruptions and lava", 0.1, {})})
+    try:
+        assert labels_of(search(conn, "magma", sae=name, index_dir=index_dir)) == ["volcanic eruptions and lava"]
+        meta = json.loads(label_index.meta_path(index_dir, store.catalog_uuid(conn)).read_text())
+        with open(os.path.join(index_dir, meta["file"]), "wb") as fh:
+            fh.write(b"not an index")
+        label_index._OPEN.clear()                                   # a new process: nothing open yet
+        notes = []
+        hits = search(conn, "magma", sae=name, index_dir=index_dir, warn=notes.append)
+        assert labels_of(hits) == ["volcanic eruptions and lava"] and notes == []
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
