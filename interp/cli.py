@@ -333,6 +333,55 @@ def worker_cmd(
 # ---------------------------------------------------------------- catalog
 
 
+# ---------------------------------------------------------------- search + export (issue 10)
+@app.command("search")
+def search_cmd(
+    text: str = typer.Argument(..., help="what the label says: words, a phrase, a typo or a synonym"),
+    sae: Optional[str] = typer.Option(None, help="only this SAE"),
+    scorer: Optional[str] = typer.Option(None, help="simulation | detection | fuzzing | embedding"),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="only labels with a score >= X"),
+    density: Optional[str] = typer.Option(None, help="A:B, feature density between A and B"),
+    limit: int = typer.Option(20, help="results shown"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Find features by what their labels say: full text, trigram (typos) and MiniLM (synonyms), fused."""
+    from interp.db import connect
+    from interp.search import search
+
+    with connect() as conn:
+        results = search(conn, text, sae=sae, scorer=scorer, min_score=min_score, density=density, limit=limit,
+                         warn=lambda line: typer.echo(f"note: {line}", err=True))
+    if json_out:
+        emit_json({"results": [r.model_dump(exclude={"relevance"}) for r in results]})
+        return
+    from interp.render_search import print_results
+
+    print_results(results)
+
+
+@app.command("export")
+def export_cmd(
+    sae: str = typer.Option(..., help="SAE name in the catalog"),
+    fmt: str = typer.Option(..., "--format", help="jsonl | parquet | csv | neuronpedia"),
+    out: str = typer.Option(..., help="output file (a folder for neuronpedia)"),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="only labels with a score >= X"),
+    scorer: Optional[str] = typer.Option(None, help="the scorer that --min-score and the score columns use"),
+    with_examples: bool = typer.Option(False, "--with-examples", help="add the top snippets (tokens, activations)"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Export an SAE's scored catalog, streamed; the file appears only when complete."""
+    from interp.db import connect
+    from interp.export import export
+
+    with connect() as conn:
+        summary = export(conn, sae, fmt, out, min_score=min_score, scorer=scorer, with_examples=with_examples)
+    if json_out:
+        emit_json(summary.model_dump())
+    else:
+        typer.echo(f"wrote {summary.features:,} features, {summary.explanations:,} labels to {summary.path} "
+                   f"({summary.format}, {summary.seconds:.1f}s)")
+
+
 @app.command("demo")
 @config_command(DemoConfig)
 def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="small sizes (the CI test's); same steps")):

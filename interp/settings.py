@@ -42,3 +42,16 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class SearchSettings(BaseSettings):
+    """Label search (issue 10). Kept apart from Settings so its fields are only appended."""
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # where the usearch nearest-neighbour file of each catalog lives (derived data: rebuilt from Postgres)
+    search_index_dir: str = "~/.cache/interp/search"
+
+
+@lru_cache
+def get_search_settings() -> SearchSettings:
+    return SearchSettings()
