@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from interp.db import connect, migrate
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta
-from interp.db import connect, migrate
 from sae.harvest import HarvestConfig, HarvestState
 
 SIZE_SQL = """SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_inherits i

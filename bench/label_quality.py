@@ -59,7 +59,7 @@ def main() -> None:
                 llm_labels, per_feature = [], []
                 bar = tqdm(planted, desc="local LLM: explain + simulate", unit="feature")
                 sims: dict[str, list] = {k: [] for k in ("correct", "baseline", "local-llm", "shuffled")}
-                for i, (rule, fe) in enumerate(bar):
+                for i, (_, fe) in enumerate(bar):
                     t = time.perf_counter()
                     ex = await LLMExplainer(client).explain(fe)
                     label = ex.label or ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psycopg
 
-from sae.errors import InputError
+from sae.errors import InputError, first_line
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _LOCK_KEY = 0x1A7E_C0DE  # any constant shared by every migrating process
@@ -29,8 +29,7 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot reach the database at {redact_url(url)}: {first} "
+        raise InputError(f"cannot reach the database at {redact_url(url)}: {first_line(e)} "
                          "(start Postgres or set DATABASE_URL)") from None
 
 
@@ -62,7 +61,7 @@ def migrate(conn: psycopg.Connection, folder: Path = MIGRATIONS) -> list[str]:
             try:
                 conn.execute(path.read_text())
             except psycopg.Error as e:
-                raise InputError(f"migration {name} failed: {str(e).strip().splitlines()[0]}") from None
+                raise InputError(f"migration {name} failed: {first_line(e)}") from None
             conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
         applied.append(name)
     return applied

@@ -8,6 +8,7 @@ def describe(e: BaseException) -> str | None:
     if isinstance(e, psycopg.OperationalError):
         from interp.db import redact_url
         from interp.settings import get_settings
+        from sae.errors import first_line
 
-        return f"cannot reach the database at {redact_url(get_settings().database_url)}: {str(e).strip().splitlines()[0]}"
+        return f"cannot reach the database at {redact_url(get_settings().database_url)}: {first_line(e)}"
     return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sae.records import Example, FeatureExamples
 
 from . import prompts
-from .llm import LLMError
+from .llm import LLMClient, LLMError
 from .records import Explanation, Usage
 
 
@@ -49,7 +49,7 @@ def select_explain(fe: FeatureExamples, n: int, n_top: int) -> list[Example]:
 
 @dataclass
 class LLMExplainer:
-    client: object                  # interp.llm client
+    client: LLMClient
     n_examples: int = 12
     n_top: int = 4
     width: int = 24

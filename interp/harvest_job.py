@@ -3,30 +3,15 @@ the result into the catalog through the store. With --shard i/n each shard saves
 and the shard that completes the set merges them (exactly the unsharded result) under an advisory lock."""
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
-
-import torch
 
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta, lock_session, name_taken, sae_id
 from interp.store.vocab import store_vocab, vocab_key
 from sae.configs import HarvestConfig
 from sae.errors import InputError
-
-
-def weights_sha(sae) -> str:
-    """sha256 over the loaded module's tensors and the settings that change which latents fire (arch, k):
-    loaders normalise names and dtypes, so the same SAE hashes alike whichever format it was read from."""
-    h = hashlib.sha256(f"{sae.cfg.arch}:{sae.cfg.k};".encode())
-    for key, t in sorted(sae.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
 
 
 def tokenizer_vocab(tokenizer) -> list[str]:
@@ -112,7 +97,7 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
         if sae_id(conn, name) is not None and not replace:
             raise name_taken(name)
         sae = load_sae(sae_path, "cpu").eval()
-        sha = weights_sha(sae)
+        sha = sae.firing_sha()
         if not sae.cfg.model:
             raise InputError(f"the SAE in {sae_path} does not say which model it reads; its cfg.json needs model/layer/site")
         hm = hooked(sae.cfg.model, sae.cfg.layer, sae.cfg.site, device)
@@ -125,7 +110,7 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
         vocab = tokenizer_vocab(hm.tokenizer)
         key = vocab_key(sae.cfg.model, vocab)
         store_vocab(conn, key, vocab)
-        info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": cfg.window, "ctx_len": cfg.ctx_len,
+        info = {"corpus": corpus, "requested_tokens": tokens, "tokens": state.n_tokens, "ctx": cfg.window, "ctx_len": cfg.ctx_len,
                 "top": cfg.top_k, "shards": n, "seed": cfg.seed}
         out = write_harvest(conn, name, _meta(sae, sae_path, sha), state.result_chunks(_logits(hm, sae, cfg.n_logits)),
                             tokenizer=key, harvest_info=info, replace=replace)

@@ -1,27 +1,29 @@
-"""LLM clients behind one small async interface, picked by a spec string.
+"""LLM clients behind one small async interface (`LLMClient`), picked by a spec string.
 
 - `openai:MODEL`  any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, llama.cpp's server) at OPENAI_BASE_URL
 - `openai:local`  the llama.cpp server that `interp llm serve` runs (settings.local_llm_host/port)
 - `hf:PATH`       a causal LM run in-process through transformers
-- `baseline`      no LLM (the explainers and scorers handle it; `make_client` returns None)
+- `baseline`      no LLM: a `NullClient`, whose chat refuses; the explainers and scorers check `is_baseline`
 
-Retries are ours (the openai client gets max_retries=0 so they are not layered): exponential backoff with
-full jitter, honouring Retry-After. Every call's tokens are counted, retries included.
+Every chat option is honoured or refused with an LLMError that names it; none is silently dropped.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
 
-from sae.errors import InputError
+from sae.errors import InputError, first_line
 
 from .records import Usage
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# the statuses the openai SDK retries itself (its _should_retry): a failure with one of these came after retries
+SDK_RETRIED = {408, 409, 429}
 
 
 @dataclass
@@ -34,14 +36,49 @@ class TokenLogprob:
 @dataclass
 class Completion:
     text: str
-    logprobs: list[TokenLogprob] | None     # None when the endpoint returned none
+    logprobs: list[TokenLogprob] | None     # None when the endpoint returned none (or none was asked for)
     usage: Usage
     refusal: str | None = None
     finish_reason: str | None = None
 
 
 class LLMError(RuntimeError):
-    """A call that failed for good (retries exhausted or not retryable); the message is the reason."""
+    """A call that failed for good (retries exhausted, not retryable, or an option the client cannot honour)."""
+
+
+@runtime_checkable
+class LLMClient(Protocol):
+    """What the explainers and scorers need of an LLM. `usage` sums every call's tokens; `grammar_ok` says
+    whether `chat(grammar=...)` is enforced (otherwise it is refused, so callers check it first)."""
+    spec: str
+    usage: Usage
+    grammar_ok: bool
+
+    async def chat(self, messages: list[dict], *, max_tokens: int = 256, logprobs: bool = False,
+                   top_logprobs: int = 0, json_mode: bool = False, temperature: float = 0.0,
+                   grammar: str | None = None) -> Completion: ...
+
+    async def close(self) -> None: ...
+
+
+def is_baseline(client: LLMClient) -> bool:
+    return isinstance(client, NullClient)
+
+
+@dataclass
+class NullClient:
+    """`baseline`: no LLM. The explainer and scorers take their LLM-free paths for it; a chat is a bug or a
+    scorer that needs an LLM, so it fails loudly."""
+    spec: str = "baseline"
+    usage: Usage = field(default_factory=Usage)
+    grammar_ok: bool = False
+
+    async def chat(self, messages, **options) -> Completion:
+        raise InputError("the baseline has no LLM to call; give an LLM spec (openai:MODEL, openai:local or "
+                         "hf:PATH) for the explainer or simulator that needs one")
+
+    async def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -49,15 +86,13 @@ class Backoff:
     base_s: float = 0.5
     max_s: float = 30.0
 
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        # full jitter spreads synchronized clients apart; Retry-After is a floor the server asked for
-        d = random.uniform(0, min(self.max_s, self.base_s * 2 ** attempt))
-        return max(d, retry_after) if retry_after is not None else d
+    def delay(self, attempt: int) -> float:
+        # full jitter spreads synchronized clients apart
+        return random.uniform(0, min(self.max_s, self.base_s * 2 ** attempt))
 
 
-def _retry_after(headers) -> float | None:
-    if headers is None:
-        return None
+def retry_after_s(headers) -> float | None:
+    """Seconds a 429/503 asked us to wait (retry-after-ms, or Retry-After as seconds or an HTTP date)."""
     v = headers.get("retry-after-ms")
     if v:
         try:
@@ -77,49 +112,94 @@ def _retry_after(headers) -> float | None:
             return None
 
 
+# the Usage of the chat() call running in this task, so the httpx hooks can count the SDK's hidden retries
+_CALL: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("llm_call", default=None)
+
+
 @dataclass
 class OpenAIClient:
-    """AsyncOpenAI with a concurrency limit, timeouts and our own retries. Create it inside the event loop
-    that uses it (a Celery task: one loop and one client per task run); its connection pool is per loop."""
+    """AsyncOpenAI with a concurrency limit and timeouts. Create it inside the event loop that uses it (a Celery
+    task: one loop and one client per task run); its connection pool is per loop.
+
+    Who retries what, so that no two loops are layered:
+    - the SDK (max_retries): 408/409/429/5xx, connection errors and timeouts, with its exponential backoff and
+      Retry-After (up to 60 s);
+    - ours: a 200 whose body is no chat completion (malformed JSON, no choices). The SDK only parses it and
+      never retries it; we ask again, up to max_retries times, after `backoff`;
+    - ours: every 429 is reported to `on_rate_limited(retry_after_s)` and counted in `rate_limited`, including
+      those the SDK retried away (an httpx response hook sees them): the workers' shared rate limiter needs them.
+    """
     model: str
     base_url: str | None = None
-    api_key: str = "none"
+    api_key: str = field(default="none", repr=False)
     concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 5
     backoff: Backoff = field(default_factory=Backoff)
     spec: str = ""
-    # llama.cpp's server takes a GBNF `grammar` that fixes the answer's shape; other endpoints get none
+    # llama.cpp's server takes a GBNF `grammar` that fixes the answer's shape; other endpoints refuse one
     grammar_ok: bool = False
+    on_rate_limited: Callable[[float | None], None] | None = None
 
     def __post_init__(self):
         import openai
 
+        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request],
+                                                           "response": [self._on_response]})
         self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
-                                          max_retries=0, timeout=self.timeout_s)
+                                          max_retries=self.max_retries, timeout=self.timeout_s, http_client=http)
         self._sem = asyncio.Semaphore(self.concurrency)
         self.usage = Usage()
         self.spec = self.spec or f"openai:{self.model}"
-        self.retries = 0
+        self.retries = 0            # requests beyond each call's first, the SDK's and ours
+        self.rate_limited = 0       # 429 answers seen
 
     def __repr__(self) -> str:      # never the key
         return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
 
+    async def _on_request(self, request) -> None:
+        spent = _CALL.get()
+        if spent is None:
+            return
+        if spent.calls:
+            self.retries += 1
+            log.info("%s: retry %d", self.spec, spent.calls)
+        spent.calls += 1
+
+    async def _on_response(self, response) -> None:
+        if response.status_code == 429:
+            self.rate_limited += 1
+            wait = retry_after_s(response.headers)
+            log.info("%s: HTTP 429, Retry-After %s", self.spec, wait)
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(wait)
+        elif response.status_code >= 400:
+            log.info("%s: HTTP %d", self.spec, response.status_code)
+
     async def chat(self, messages: list[dict], *, max_tokens: int = 256, logprobs: bool = False,
                    top_logprobs: int = 0, json_mode: bool = False, temperature: float = 0.0,
                    grammar: str | None = None) -> Completion:
-        import openai
-
         kwargs = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
-        if grammar is not None and self.grammar_ok:
+        if grammar is not None:
+            if not self.grammar_ok:
+                raise LLMError(f"{self.spec} takes no grammar option (llama.cpp's server, openai:local, does)")
             kwargs["extra_body"] = {"grammar": grammar}
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=top_logprobs)
         if json_mode:
             kwargs["response_format"] = {"type": "json_object"}
         spent = Usage()
+        token = _CALL.set(spent)
+        try:
+            return await self._attempts(kwargs, spent)
+        finally:
+            _CALL.reset(token)
+            self.usage.add(spent)
+
+    async def _attempts(self, kwargs: dict, spent: Usage) -> Completion:
+        import openai
+
         for attempt in range(self.max_retries + 1):
-            retry_after, reason = None, ""
             try:
                 async with self._sem:
                     resp = await self._client.chat.completions.create(**kwargs)
@@ -127,27 +207,26 @@ class OpenAIClient:
                     raise ValueError("response has no choices")
                 return self._completion(resp, spent)
             except openai.APIStatusError as e:
-                if e.status_code not in RETRY_STATUS:
-                    raise LLMError(f"HTTP {e.status_code} from {self.spec}: {_short(e)}") from None
-                retry_after, reason = _retry_after(e.response.headers), f"HTTP {e.status_code}"
+                code = e.status_code
+                if code in SDK_RETRIED or code >= 500:
+                    raise self._gave_up(f"HTTP {code}", spent) from None
+                raise LLMError(f"HTTP {code} from {self.spec} at {self._client.base_url}: {first_line(e)}") from None
             except openai.APITimeoutError:
-                reason = f"timeout after {self.timeout_s:g}s"
+                raise self._gave_up(f"timeout after {self.timeout_s:g}s", spent) from None
             except openai.APIConnectionError as e:
-                reason = f"connection error: {_short(e)}"
+                raise self._gave_up(f"connection error: {first_line(e.__cause__ or e)}", spent) from None
             except (ValueError, TypeError, AttributeError, openai.APIResponseValidationError) as e:
-                # malformed JSON or a body that is not a chat completion
-                reason = f"malformed response: {_short(e)}"
-            spent.calls += 1
+                reason = f"malformed response: {first_line(e)}"
             if attempt == self.max_retries:
-                self.usage.add(spent)
-                hint = ("; is `interp llm serve` running?" if self.spec == "openai:local" and
-                        reason.startswith("connection") else "")
-                raise LLMError(f"{reason} from {self.spec} at {self.base_url}, gave up after {attempt + 1} attempts{hint}")
-            self.retries += 1
-            delay = self.backoff.delay(attempt, retry_after)
-            log.info("%s: %s, retry %d in %.2fs", self.spec, reason, attempt + 1, delay)
-            await asyncio.sleep(delay)
+                raise self._gave_up(reason, spent)
+            await asyncio.sleep(self.backoff.delay(attempt))
         raise AssertionError("unreachable")
+
+    def _gave_up(self, reason: str, spent: Usage) -> LLMError:
+        hint = ("; is `interp llm serve` running?" if self.spec == "openai:local" and
+                reason.startswith("connection") else "")
+        return LLMError(f"{reason} from {self.spec} at {self._client.base_url}, "
+                        f"gave up after {spent.calls} attempts{hint}")
 
     def _completion(self, resp, spent: Usage) -> Completion:
         ch = resp.choices[0]
@@ -155,8 +234,6 @@ class OpenAIClient:
         u = resp.usage
         spent.prompt_tokens += getattr(u, "prompt_tokens", 0) or 0
         spent.completion_tokens += getattr(u, "completion_tokens", 0) or 0
-        spent.calls += 1
-        self.usage.add(spent)
         lps = None
         if ch.logprobs is not None and ch.logprobs.content:
             lps = [TokenLogprob(t.token, t.logprob, {x.token: x.logprob for x in (t.top_logprobs or [])})
@@ -168,16 +245,15 @@ class OpenAIClient:
         await self._client.close()
 
 
-def _short(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 @dataclass
 class HFClient:
-    """A local causal LM through transformers; calls run one at a time in a worker thread."""
+    """A local causal LM through transformers; calls run one at a time in a worker thread. It samples when
+    temperature > 0 and returns logprobs when asked; it cannot constrain generation, so json_mode and grammar
+    are refused."""
     path: str
     device: str = "auto"
     spec: str = ""
+    grammar_ok: bool = False
 
     def __post_init__(self):
         import torch
@@ -192,7 +268,7 @@ class HFClient:
             dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
             self._model = AutoModelForCausalLM.from_pretrained(self.path, torch_dtype=dtype).to(self._device).eval()
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot load a causal LM from {self.path!r} ({_short(e)}); "
+            raise InputError(f"cannot load a causal LM from {self.path!r} ({first_line(e)}); "
                              "hf:PATH needs a local directory or Hugging Face id of a causal LM") from None
         self._lock = asyncio.Lock()
         self.usage = Usage()
@@ -204,48 +280,60 @@ class HFClient:
         text = "\n\n".join(m["content"] for m in messages) + "\n"
         return self._tok(text, return_tensors="pt").input_ids
 
-    def _generate(self, messages, max_tokens, top_logprobs) -> Completion:
+    def _generate(self, messages, max_tokens: int, temperature: float, top_logprobs: int | None) -> Completion:
         import torch
 
         ids = self._prompt_ids(messages).to(self._device)
+        # top_k=0 samples from the whole distribution, as an OpenAI endpoint does at that temperature
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
         with torch.no_grad():
-            out = self._model.generate(ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+            out = self._model.generate(ids, max_new_tokens=max_tokens, output_logits=True,
                                        return_dict_in_generate=True,
-                                       pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id)
+                                       pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id, **sampling)
         new = out.sequences[0, ids.shape[1]:]
-        lps = []
-        for tok_id, scores in zip(new.tolist(), out.scores):
-            logp = torch.log_softmax(scores[0].float(), dim=-1)
-            top = torch.topk(logp, max(1, top_logprobs))
-            lps.append(TokenLogprob(self._tok.decode([tok_id]), float(logp[tok_id]),
-                                    {self._tok.decode([i]): float(v) for v, i in zip(top.values, top.indices)}))
-        if self._tok.eos_token_id is not None and new.numel() and new[-1].item() == self._tok.eos_token_id:
-            lps = lps[:-1]
+        lps = None
+        if top_logprobs is not None:
+            lps = []
+            # the raw logits: logprobs of the model's distribution, not of the temperature-scaled one
+            for tok_id, logits in zip(new.tolist(), out.logits):
+                logp = torch.log_softmax(logits[0].float(), dim=-1)
+                top = torch.topk(logp, max(1, top_logprobs))
+                lps.append(TokenLogprob(self._tok.decode([tok_id]), float(logp[tok_id]),
+                                        {self._tok.decode([i]): float(v) for v, i in zip(top.values, top.indices)}))
+            if self._tok.eos_token_id is not None and new.numel() and new[-1].item() == self._tok.eos_token_id:
+                lps = lps[:-1]
         usage = Usage(prompt_tokens=ids.shape[1], completion_tokens=len(new), calls=1)
         self.usage.add(usage)
         return Completion(text=self._tok.decode(new, skip_special_tokens=True), logprobs=lps, usage=usage)
 
-    async def chat(self, messages, *, max_tokens=256, logprobs=False, top_logprobs=0, json_mode=False,
-                   temperature=0.0, grammar=None) -> Completion:
+    async def chat(self, messages: list[dict], *, max_tokens: int = 256, logprobs: bool = False,
+                   top_logprobs: int = 0, json_mode: bool = False, temperature: float = 0.0,
+                   grammar: str | None = None) -> Completion:
+        for option, given in (("json_mode", json_mode), ("grammar", grammar is not None)):
+            if given:
+                raise LLMError(f"{self.spec} cannot honour {option}: transformers generates unconstrained here; "
+                               "use openai:local (llama.cpp) or an OpenAI-compatible endpoint for it")
         async with self._lock:
-            return await asyncio.to_thread(self._generate, messages, max_tokens, top_logprobs if logprobs else 1)
+            return await asyncio.to_thread(self._generate, messages, max_tokens, temperature,
+                                           top_logprobs if logprobs else None)
 
     async def close(self) -> None:
         pass
 
 
 def make_client(spec: str, *, concurrency: int | None = None, timeout_s: float | None = None,
-                max_retries: int | None = None, backoff: Backoff | None = None):
-    """The client for a spec; None for `baseline`. Bad specs raise InputError with the accepted forms."""
+                max_retries: int | None = None, backoff: Backoff | None = None,
+                on_rate_limited: Callable[[float | None], None] | None = None) -> LLMClient:
+    """The client for a spec (a NullClient for `baseline`). Bad specs raise InputError with the accepted forms."""
     from .settings import get_settings
 
     s = get_settings()
     common = dict(concurrency=concurrency or s.llm_concurrency, timeout_s=timeout_s or s.llm_timeout_s,
                   max_retries=s.llm_max_retries if max_retries is None else max_retries,
-                  backoff=backoff or Backoff())
+                  backoff=backoff or Backoff(), on_rate_limited=on_rate_limited)
     kind, _, rest = spec.partition(":")
     if spec == "baseline":
-        return None
+        return NullClient()
     if kind == "openai" and rest == "local":
         # llama.cpp's server answers one request at a time: queueing more there only runs their timeouts down
         common.update(concurrency=concurrency or 1, timeout_s=timeout_s or max(s.llm_timeout_s, 300.0))

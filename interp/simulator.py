@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import prompts
-from .llm import Completion, LLMError
+from .llm import Completion, LLMClient, LLMError
 from .records import Usage
 from .scoring import expected_value
 
@@ -86,7 +86,7 @@ def values_from_json(text: str, n: int) -> tuple[list[float], int]:
 
 @dataclass
 class Simulator:
-    client: object
+    client: LLMClient
     prompt_version: str = prompts.DEFAULT_VERSIONS["simulate"]
     json_version: str = prompts.DEFAULT_VERSIONS["simulate-json"]
     top_logprobs: int = 15              # enough room for all of "0".."10" next to other candidates
@@ -99,8 +99,10 @@ class Simulator:
             lines = prompts.token_lines(tokens)
             msgs = prompts.load(self.prompt_version).messages(label=prompts.escape(label), tokens=lines)
             try:
+                # where the endpoint enforces a grammar, the answer's shape is fixed; the others refuse one
+                grammar = answer_grammar(lines.split("\n")) if self.client.grammar_ok else None
                 c = await self.client.chat(msgs, max_tokens=6 * n + 16, logprobs=True, top_logprobs=self.top_logprobs,
-                                           grammar=answer_grammar(lines.split("\n")))
+                                           grammar=grammar)
             except LLMError as e:
                 return Simulation([0.0] * n, "logprobs", usage, n, failure=f"error: {e}")
             usage.add(c.usage)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern
 
 
@@ -561,7 +561,7 @@ def load_state(cfg: SAEConfig, state: dict[str, torch.Tensor], where: Path) -> S
     try:
         sae.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
+        first = first_line(e)
         raise InputError(f"{where}: weights do not match its cfg.json ({first})") from None
     return sae.eval()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 # every EVAL_EVERY-th context is held out for evaluation and never used in training
 EVAL_EVERY = 10
@@ -64,7 +64,7 @@ def _hf_texts(spec: str, seed: int) -> Iterator[str]:
         for row in ds:
             yield row["text"]
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot stream Hugging Face dataset {name!r} split {split!r}: {str(e)[:200]}") from None
+        raise InputError(f"cannot stream Hugging Face dataset {name!r} split {split!r}: {first_line(e)}") from None
 
 
 def iter_texts(corpus: str, seed: int = 0) -> Iterator[str]:

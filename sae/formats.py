@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .archs import SAEConfig, SparseAutoencoder, Stored, config_int, load_state, saelens_kind, sparsify_kind
-from .errors import InputError
+from .errors import InputError, first_line
 
 FORMATS = ("native", "saelens", "sparsify")
 CFG, NATIVE_WEIGHTS, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors", "sae_weights.safetensors", \
@@ -128,7 +128,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, and OSError, and more
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e)
         raise InputError(f"{path} is corrupt or truncated ({first}); re-save or re-download it") from None
 
 

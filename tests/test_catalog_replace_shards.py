@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from interp.db import connect
-from interp.harvest_job import harvest_to_catalog, weights_sha
+from interp.harvest_job import harvest_to_catalog
 from interp.store.features import feature_view
 from sae.archs import SAEConfig, build
 from sae.configs import HarvestConfig
@@ -70,11 +70,11 @@ def test_shards_finishing_together_merge_exactly_once(conn, names, sae_dir, tmp_
 
 def test_weights_sha_is_the_loaded_weights_whatever_the_format(sae_dir, tmp_path):
     lens = convert(sae_dir, "saelens", tmp_path / "lens")
-    assert weights_sha(load_sae(lens)) == weights_sha(load_sae(sae_dir))
+    assert load_sae(lens).firing_sha() == load_sae(sae_dir).firing_sha()
     sae = load_sae(sae_dir)
     with torch.no_grad():
         sae.b_dec[0] += 1e-6
-    assert weights_sha(sae) != weights_sha(load_sae(sae_dir))
+    assert sae.firing_sha() != load_sae(sae_dir).firing_sha()
 
 
 def _add_labels(conn, sid: int, features) -> list[int]:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import ast
 import json
+import pydoc_data.topics
 import random
 from collections import Counter
 
-import pydoc_data.topics
 import pytest
 
 from sae.corpus import EVAL_EVERY, _builtin_docs, batches, iter_contexts, iter_texts

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import pydoc_data.topics
 import subprocess
 import sys
 
-import pydoc_data.topics
 import pytest
 import torch
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-
 import pydoc_data.topics
+
 import pytest
 import torch
 import transformers as T

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sae.errors import InputError
-from sae.harvest import (EMPTY_HASH, HarvestConfig, HarvestState, keyhash, logit_tokens, parse_shard,
-                         shard_batches)
+from sae.harvest import EMPTY_HASH, HarvestConfig, HarvestState, keyhash, logit_tokens, parse_shard, shard_batches
 
 F, L, B, M = 40, 16, 6, 5
 CFG = HarvestConfig(top_k=6, window=8, n_bins=4, per_bin=2, n_random=3, reservoir=12, pool=12, hist_bins=10)
@@ -73,7 +72,7 @@ def test_histogram_counts_every_firing_token(full):
 def test_quantile_samples_lie_in_their_bins_and_are_the_smallest_keys(full):
     acts = dense_acts(24)
     flat = acts.reshape(-1, F)
-    ex, w = full.examples, full.width
+    ex = full.examples
     exact_bins = []
     for f in range(F):
         q = (ex.feature == f) & (ex.kind == 1)

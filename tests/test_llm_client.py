@@ -1,11 +1,12 @@
-"""The OpenAI-compatible client against the stub server over real HTTP: every fault and what the client does."""
+"""The OpenAI-compatible client against the stub server over real HTTP: every fault and what the client does
+(transport faults are the SDK's retries, observed through our hooks; malformed 200s are our own retries)."""
 import asyncio
 import logging
 import time
 
 import pytest
 
-from interp.llm import Backoff, LLMError, OpenAIClient, make_client
+from interp.llm import Backoff, LLMClient, LLMError, NullClient, OpenAIClient, is_baseline, make_client
 from sae.errors import InputError
 from tests.stub_llm import Reply, StubLLM
 
@@ -28,15 +29,27 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_429_waits_for_retry_after_then_succeeds(stub):
+def test_429_waits_for_retry_after_then_succeeds_and_the_hook_sees_it(stub):
+    stub.retry_after = "1.2"
     stub.fault("429")
-    t = time.monotonic()
-    c = run(client(stub).chat(MSG))
+    seen = []
+    cl = client(stub, on_rate_limited=seen.append)
+    c = run(cl.chat(MSG))
     assert c.text == "Label: fine answer"
     assert len(stub.request_times) == 2
-    # backoff alone would be <= 0.02 s; the server asked for 0.3 s
-    assert stub.request_times[1] - stub.request_times[0] >= 0.3
-    assert c.usage.calls == 2
+    # the SDK's own first backoff is at most 0.5 s; the server asked for 1.2 s
+    assert stub.request_times[1] - stub.request_times[0] >= 1.2
+    assert seen == [1.2] and cl.rate_limited == 1
+    assert c.usage.calls == 2 and cl.retries == 1
+
+
+def test_429_with_a_long_retry_after_reaches_the_hook_even_when_retries_run_out(stub):
+    stub.retry_after = "7"
+    stub.fault("429")
+    seen = []
+    with pytest.raises(LLMError, match="HTTP 429 .*gave up after 1 attempts"):
+        run(client(stub, max_retries=0, on_rate_limited=seen.append).chat(MSG))
+    assert seen == [7.0]
 
 
 @pytest.mark.parametrize("fault", ["500", "503", "reset", "malformed"])
@@ -112,8 +125,10 @@ def test_concurrency_limit_holds_under_load():
             return await asyncio.gather(*(cl.chat(MSG) for _ in range(9)))
 
         t = time.monotonic()
-        assert len(run(many())) == 9
-        assert stub.max_in_flight == 3
+        out = run(many())
+        assert len(out) == 9 and stub.max_in_flight == 3
+        # each concurrent call counts only its own request, and the client sums them
+        assert all(c.usage.calls == 1 and c.usage.completion_tokens > 0 for c in out) and cl.usage.calls == 9
         assert time.monotonic() - t >= 0.3 - 0.01
 
 
@@ -130,7 +145,9 @@ def test_api_key_never_in_repr_or_logs(stub, caplog):
 def test_spec_parsing(monkeypatch):
     from interp.settings import get_settings
 
-    assert make_client("baseline") is None
+    base = make_client("baseline")
+    assert isinstance(base, NullClient) and is_baseline(base) and base.spec == "baseline"
+    assert isinstance(base, LLMClient) and isinstance(make_client("openai:local"), LLMClient)
     local = make_client("openai:local")
     s = get_settings()
     assert local.base_url == f"http://{s.local_llm_host}:{s.local_llm_port}/v1" and local.spec == "openai:local"
@@ -149,3 +166,28 @@ def test_spec_parsing(monkeypatch):
         assert c.model == "some-model" and "sk-abc" not in repr(c)
     finally:
         get_settings.cache_clear()
+
+
+def test_null_client_refuses_every_chat_with_one_clear_error():
+    with pytest.raises(InputError, match="the baseline has no LLM to call; give an LLM spec"):
+        run(NullClient().chat(MSG, max_tokens=5))
+
+
+def test_grammar_goes_only_to_an_endpoint_that_enforces_it(stub):
+    with pytest.raises(LLMError, match="openai:m takes no grammar option"):
+        run(client(stub).chat(MSG, grammar='root ::= "x"'))
+    assert stub.requests == []
+    run(client(stub, grammar_ok=True).chat(MSG, grammar='root ::= "x"', json_mode=True, temperature=0.7))
+    body = stub.requests[-1]
+    assert body["grammar"] == 'root ::= "x"' and body["response_format"] == {"type": "json_object"}
+    assert body["temperature"] == 0.7
+
+
+def test_connection_refused_names_the_endpoint_and_the_serve_hint():
+    from interp.local_llm import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    cl = OpenAIClient(model="local", base_url=url, api_key="local", spec="openai:local", timeout_s=1, max_retries=0)
+    with pytest.raises(LLMError, match=r"connection error: .* from openai:local at .*127\.0\.0\.1.*"
+                                       r"gave up after 1 attempts; is `interp llm serve` running\?"):
+        run(cl.chat(MSG))

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from interp.llm import make_client
+from interp.llm import HFClient, LLMClient, LLMError, make_client
 from interp.scorers import ScoreConfig, simulation
 from interp.simulator import Simulator
 from sae.errors import InputError
@@ -33,6 +33,34 @@ def test_hf_client_generates_with_top_logprobs_and_counts_tokens(tiny_lm):
     assert c.usage.prompt_tokens > 2 and 0 < c.usage.completion_tokens <= 5 and c.usage.calls == 1
     assert c.logprobs and all(len(t.top) == 4 and max(t.top.values()) <= 0.0 for t in c.logprobs)
     assert client.usage.total == c.usage.total and client.spec == f"hf:{tiny_lm}"
+
+
+def test_hf_client_samples_when_temperature_is_positive_and_is_greedy_at_zero(tiny_lm):
+    import torch
+
+    client = make_client(f"hf:{tiny_lm}")
+    assert isinstance(client, HFClient) and isinstance(client, LLMClient) and not client.grammar_ok
+    msg = [{"role": "user", "content": "hello world"}]
+
+    async def texts(temperature, n):
+        return [(await client.chat(msg, max_tokens=6, temperature=temperature)).text for _ in range(n)]
+
+    greedy = asyncio.run(texts(0.0, 2))
+    torch.manual_seed(0)
+    sampled = asyncio.run(texts(1.0, 3))
+    assert greedy[0] == greedy[1]
+    # a random model spreads its mass over the whole vocabulary: sampling cannot keep repeating greedy
+    assert len(set(sampled)) > 1 and any(t != greedy[0] for t in sampled)
+    c = asyncio.run(client.chat(msg, max_tokens=3))
+    assert c.logprobs is None and c.usage.completion_tokens > 0     # no logprobs asked, none given
+
+
+@pytest.mark.parametrize("option", [{"json_mode": True}, {"grammar": 'root ::= "x"'}])
+def test_hf_client_refuses_what_it_cannot_enforce(tiny_lm, option):
+    client = make_client(f"hf:{tiny_lm}")
+    with pytest.raises(LLMError, match=f"cannot honour {next(iter(option))}"):
+        asyncio.run(client.chat([{"role": "user", "content": "hi"}], max_tokens=2, **option))
+    assert client.usage.calls == 0
 
 
 def test_hf_client_runs_the_simulation_scorer(tiny_lm):

@@ -3,16 +3,16 @@ SAELens does not record JumpReLU's training target k and the loader stands one i
 catalog's SAE hash leaves k out for JumpReLU (SparseAutoencoder.firing_sha)."""
 import torch
 
-from interp.catalog import feature_view, harvest_to_catalog
+from interp.harvest_job import harvest_to_catalog
+from interp.store.features import feature_view
 from sae.archs import SAEConfig, build
+from sae.configs import HarvestConfig
 from sae.formats import convert, load_sae, save_native
-from tests import test_db_catalog
+from tests.helpers import URL
 from tests.test_catalog_replace_shards import _add_labels, _count
 
-# the real-Postgres fixtures, shared rather than copied: a migrated connection, and fresh names deleted afterwards
-URL, conn, names = test_db_catalog.URL, test_db_catalog.conn, test_db_catalog.names
-HARVEST = {"corpus": "builtin", "ctx": 16, "ctx_len": 32, "top": 10, "batch_size": 8, "device": "cpu",
-           "progress": False, "url": URL}
+HARVEST = {"corpus": "builtin", "cfg": HarvestConfig(top_k=10, window=16, ctx_len=32), "batch_size": 8,
+           "device": "cpu", "progress": False, "url": URL}
 
 
 def test_jumprelu_through_saelens_and_replace_keeps_labels(conn, names, tmp_path):
@@ -35,4 +35,4 @@ def test_jumprelu_through_saelens_and_replace_keeps_labels(conn, names, tmp_path
     assert _count(conn, "SELECT id FROM saes WHERE name = %s", name) == sid
     assert _count(conn, "SELECT count(*) FROM scores WHERE explanation_id = ANY(%s)", eids) == 2
     v = feature_view(conn, name, 17)
-    assert [(lab["label"], [s["value"] for s in lab["scores"]]) for lab in v.labels] == [("label of 17", [0.75])]
+    assert [(lab.label, [s.value for s in lab.scores]) for lab in v.labels] == [("label of 17", [0.75])]

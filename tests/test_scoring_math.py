@@ -3,8 +3,7 @@ import math
 
 import pytest
 
-from interp.scoring import (auroc, classification_scores, expected_value, normalise_activations,
-                            simulation_scores)
+from interp.scoring import auroc, classification_scores, expected_value, normalise_activations, simulation_scores
 
 
 def test_normalisation_floors_clips_and_relus():

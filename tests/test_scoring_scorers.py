@@ -7,7 +7,7 @@ import re
 import pytest
 
 from interp.explainers import LLMExplainer
-from interp.llm import Backoff, OpenAIClient
+from interp.llm import Backoff, NullClient, OpenAIClient
 from interp.scorers import classify, run_scorers, score_set, simulation
 from interp.simulator import Simulator
 from sae.errors import InputError
@@ -101,7 +101,6 @@ def test_simulation_records_failed_sequences(stub):
 
 def test_wrong_label_simulates_worse_than_right_label(stub):
     def literal(body):
-        system = body["messages"][0]["content"]
         lines = token_lines_of(body)
         want = re.search(r"Feature: the token (\S+)", body["messages"][-1]["content"]).group(1)
         return simulation_reply(lines, [8.0 if ln.strip() == want else 0.0 for ln in lines])
@@ -139,11 +138,16 @@ def test_detection_without_logprobs_has_no_auroc(stub):
     assert s.method == "json" and s.values["auroc"] is None and s.values["balanced_accuracy"] == 1.0
 
 
-def test_held_out_guard_refuses_a_leaked_snippet():
+def leaked_feature():
     fe = feature()
     leaked = fe.split("explain")[0]
     fe.examples.append(Example(token_ids=list(leaked.token_ids), acts=list(leaked.acts), split="score",
                                tokens=leaked.tokens))
+    return fe
+
+
+def test_held_out_guard_refuses_a_leaked_snippet():
+    fe = leaked_feature()
     with pytest.raises(InputError, match="1 score-set snippets also appear in the explain set"):
         score_set(fe)
 
@@ -167,6 +171,8 @@ def test_explainer_retries_bad_answers_then_records_the_reason(stub):
     stub.fault("empty", "refusal", "empty")
     ex = asyncio.run(LLMExplainer(client(stub), attempts=3).explain(feature()))
     assert ex.label is None and ex.failure == "empty" and ex.attempts == 3
+    # a retry after a bad answer samples rather than repeating the greedy one
+    assert [b["temperature"] for b in stub.requests] == [0.0, 0.7, 0.7]
     stub.fault("refusal")
     ok = asyncio.run(LLMExplainer(client(stub), attempts=3).explain(feature()))
     assert ok.label == "the digit 7" and ok.attempts == 2 and ok.usage.calls == 2
@@ -177,7 +183,9 @@ def test_explainer_retries_bad_answers_then_records_the_reason(stub):
 
 def test_run_scorers_rejects_llm_scorers_without_an_llm():
     with pytest.raises(InputError, match="need an LLM simulator"):
-        asyncio.run(run_scorers(feature(), "x", ["simulation"], None))
+        asyncio.run(run_scorers(feature(), "x", ["simulation"], NullClient()))
+    with pytest.raises(InputError, match="need an LLM simulator"):
+        asyncio.run(run_scorers(feature(), "x", ["detection"], None))
     with pytest.raises(InputError, match="unknown scorer 'simulatoin'"):
         asyncio.run(run_scorers(feature(), "x", ["simulatoin"], None))
 
@@ -196,7 +204,35 @@ def test_label_features_runs_a_chunk_concurrently_in_one_loop(monkeypatch):
                                              ["detection"]))
         finally:
             get_settings.cache_clear()
-    assert [ex.label for ex, _ in out] == ["the digit 7"] * 4
-    assert all(sc[0].values["balanced_accuracy"] == 1.0 for _, sc in out)
+    assert [r.explanation.label for r in out] == ["the digit 7"] * 4
+    assert all(r.scores[0].values["balanced_accuracy"] == 1.0 for r in out)
     assert len(stub.requests) == 4 * (1 + 3) and stub.max_in_flight >= 4     # not one feature after another
     assert {b["model"] for b in stub.requests} == {"explainer", "sim"}
+
+
+def test_one_failing_feature_does_not_abort_the_chunk(stub):
+    from interp.records import LabelResult
+    from interp.scorers import label_features
+
+    async def chunk():
+        cl = client(stub)
+        return await label_features([feature(), leaked_feature(), feature()], "openai:sim-model", None,
+                                    ["detection"], clients={"openai:sim-model": cl}), cl
+
+    out, cl = asyncio.run(chunk())
+    assert all(isinstance(r, LabelResult) for r in out)
+    good, bad = [out[0], out[2]], out[1]
+    assert all(r.explanation.failure is None and r.scores[0].value == 1.0 for r in good)
+    assert bad.explanation.label == "the digit 7" and bad.scores == []
+    assert bad.explanation.failure.startswith("error: scoring failed: feature t/5: 1 score-set snippets")
+    assert cl.usage.calls == len(stub.requests)        # a client passed in is used (and left to its owner)
+
+
+def test_baseline_takes_the_llm_free_path_and_refuses_llm_scorers():
+    from interp.scorers import label_features
+
+    (r,) = asyncio.run(label_features([feature()], "baseline", None, []))
+    assert r.explanation.is_baseline and r.explanation.explainer == "baseline" and '" 7"' in r.explanation.label
+    assert r.explanation.usage.calls == 0 and r.scores == []
+    with pytest.raises(InputError, match="need an LLM simulator"):
+        asyncio.run(label_features([feature()], "baseline", None, ["detection"]))
