@@ -36,10 +36,11 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * len(s)) - 1))]
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, log: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "serve", "--port", str(port)], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="timed requests per latency measurement")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the throughput run")
+    ap.add_argument("--server-log", default="/tmp/api_latency_serve.log", help="the started server's output")
     args = ap.parse_args()
     rng = random.Random(0)
     conn = connect()
@@ -142,7 +144,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc, base = start_server(port), f"http://127.0.0.1:{port}"
+        proc, base = start_server(port, args.server_log), f"http://127.0.0.1:{port}"
     try:
         queries = queries_from_labels(conn, args.requests, rng)
         with httpx.Client(base_url=base, timeout=30) as client:

@@ -13,24 +13,38 @@ import binascii
 import hmac
 import json
 import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from interp.db import redact_url
+from interp.export import export, feature_dict
+from interp.labelling import LabelRequest, broker_app, queue_job
+from interp.search import MAX_LIMIT, SearchResult, check_scorer, search
 from interp.settings import APISettings
+from interp.store.export import stream_features
 from interp.store.features import FeatureView, feature_view
+from interp.store.jobs import JobSummary, cancel, summaries
 from interp.store.labels import LabelView
-from interp.store.saes import list_saes
+from interp.store.saes import list_saes, require_sae
+from interp.store.search import Filters
 from sae.errors import InputError
 
 log = logging.getLogger("interp.api")
@@ -41,12 +55,16 @@ MAX_CURSOR = 512
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = ("/static/", "/login", "/docs", "/openapi.json")   # served to anyone, read token or not
 TOKEN_COOKIE = "interp_token"   # the read token, for pages a browser opens (a link cannot send a header)
+APP_NAME = "interp-api"         # the pool's connections in pg_stat_activity
 UNAUTHORIZED = "unauthorized"   # the whole message: a caller without the token learns nothing more
 
 
 # ---------------------------------------------------------------- input checks
-def clean_text(s: str) -> str:
-    """Text that Postgres can store: no NUL, valid UTF-8 (a JSON body can carry a lone surrogate)."""
+def clean_text(s: str | None) -> str | None:
+    """Text that Postgres can store: no NUL, valid UTF-8 (a JSON body can carry a lone surrogate). None passes:
+    the optional fields wrap their whole `str | None` in this check, and a body may say null."""
+    if s is None:
+        return s
     if "\x00" in s:
         raise ValueError("must not contain NUL characters")
     try:
@@ -214,32 +232,53 @@ def conn(request: Request):
 Conn = Annotated[psycopg.Connection, Depends(conn)]
 
 
+def answer(request: Request, status: int, detail: str, headers: dict | None = None):
+    """An error as JSON for the API, as a small HTML page for the dashboard's pages."""
+    if request.url.path == "/" or request.url.path.startswith("/ui/"):
+        from interp.web import error_page
+
+        return error_page(status, detail)
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
 def install_errors(app: FastAPI, db_shown: str) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return answer(request, e.status_code, str(e.detail), getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+        return answer(request, 422, "; ".join(lines))
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, e: InputError):
-        return JSONResponse({"detail": str(e)}, status_code=400)
+        return answer(request, 400, str(e))
+
+    @app.exception_handler(psycopg.errors.QueryCanceled)
+    async def too_slow(request: Request, e: psycopg.errors.QueryCanceled):
+        log.warning("query cancelled on %s %s", request.method, request.url.path)
+        return answer(request, 503, "the query took too long and was cancelled; try a narrower one")
 
     @app.exception_handler(psycopg.OperationalError)
     async def db_down(request: Request, e: psycopg.OperationalError):
         log.warning("database error on %s %s: %s", request.method, request.url.path, type(e).__name__)
-        return JSONResponse({"detail": f"the database at {db_shown} is not answering"}, status_code=503)
+        return answer(request, 503, f"the database at {db_shown} is not answering")
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        return answer(request, 500, "internal error")
 
 
 def create_app(settings: APISettings | None = None) -> FastAPI:
     """The app with its own pool over `settings.database_url` (opened at startup, closed at shutdown)."""
     settings = settings or APISettings()
+    # check_connection costs one round trip per request and turns a Postgres restart into a fresh connection
+    # instead of one failed request per pooled connection
     pool = ConnectionPool(settings.database_url, min_size=settings.api_pool_min, max_size=settings.api_pool_max,
-                          kwargs={"autocommit": True, "connect_timeout": 5}, open=False, name="interp-api")
+                          kwargs={"autocommit": True, "connect_timeout": 5, "application_name": APP_NAME}, open=False, name="interp-api",
+                          check=ConnectionPool.check_connection)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -254,6 +293,9 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
     app.add_middleware(Guard, settings=settings)
     install_errors(app, app.state.db_shown)
     add_read_routes(app)
+    add_search_route(app)
+    add_job_routes(app)
+    add_export_route(app)
     app.mount("/static", StaticFiles(directory=str(files("interp") / "static")), name="static")
     from interp import web
 
@@ -281,3 +323,171 @@ def add_read_routes(app: FastAPI) -> None:
             return FeatureOut.of(feature_view(c, name, idx))
         except InputError as e:
             raise HTTPException(404, str(e)) from None
+
+
+# ---------------------------------------------------------------- search (interp.search, as `interp search`)
+class SearchParams(PageParams):
+    q: Annotated[str, Field(min_length=1, max_length=1000, description="label text (websearch syntax)"), Text]
+    sae: Annotated[str | None, Field(max_length=MAX_NAME), Text] = None
+    scorer: Annotated[str | None, Field(max_length=64), Text] = None
+    min_score: float | None = Field(None, allow_inf_nan=False)
+    density: Annotated[str | None, Field(max_length=64, description="A:B, either side open"), Text] = None
+    limit: int = Field(20, ge=1, le=100)
+
+
+def after_cursor(results: list, key: list[Any]) -> list:
+    """The results after the cursor's (relevance, sae, index): after that item when it is still in the
+    ranking, else after every result at least as relevant (the catalog changed between pages)."""
+    rel, sae, idx = key
+    for i, r in enumerate(results):
+        if (r.sae, r.index) == (sae, idx):
+            return results[i + 1:]
+    return [r for r in results if r.relevance < rel]
+
+
+class SearchPage(BaseModel):
+    items: list[SearchResult]
+    next_cursor: str | None
+
+
+def add_search_route(app: FastAPI) -> None:
+    @app.get("/features", response_model=SearchPage, tags=["search"])
+    def features(c: Conn, p: Annotated[SearchParams, Query()]) -> SearchPage:
+        """Labels matching `q` (full text, trigram and semantic arms fused by reciprocal rank), best first: the
+        same results as `interp search`. The fused ranking is bounded (each arm returns at most a few hundred
+        candidates), so a page is cut from it by the cursor's key, never by an offset into the catalog."""
+        key = decode_cursor(p.cursor, (float, str, int)) if p.cursor else None
+        ranked = search(c, p.q, sae=p.sae, scorer=p.scorer, min_score=p.min_score, density=p.density,
+                        limit=MAX_LIMIT, warn=log.info)
+        rest = after_cursor(ranked, key) if key else ranked
+        items = rest[:p.limit]
+        last = items[-1] if items else None
+        more = len(rest) > p.limit
+        return SearchPage(items=items, next_cursor=encode_cursor([last.relevance, last.sae, last.index]) if more
+                          else None)
+
+
+# ---------------------------------------------------------------- labelling jobs (interp.labelling, as `interp label`)
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="job id")]
+Spec = Annotated[str, Field(min_length=1, max_length=200), Text]
+
+
+class JobRequest(BaseModel):
+    """The body of POST /jobs: the flags of `interp label`."""
+    model_config = ConfigDict(extra="forbid")
+    sae: Annotated[str, Field(min_length=1, max_length=MAX_NAME), Text]
+    features: Annotated[str | None, Field(max_length=64, description="A:B, half-open"), Text] = None
+    unlabeled: bool = False
+    explainer: Spec = "baseline"
+    simulator: Spec | None = None
+    scorers: list[Annotated[str, Field(min_length=1, max_length=64), Text]] = Field(["embedding"], min_length=1,
+                                                                                   max_length=8)
+    budget_tokens: int | None = Field(None, ge=1, le=2**62)
+
+
+class JobList(BaseModel):
+    items: list[JobSummary]
+
+
+def broker(app: FastAPI):
+    """The Celery client that sends label_chunk tasks; made at the first POST /jobs (importing Celery is slow)."""
+    if app.state.broker is None:
+        app.state.broker = broker_app()
+    return app.state.broker
+
+
+def job_or_404(c: psycopg.Connection, job_id: int) -> JobSummary:
+    found = summaries(c, job_id)
+    if not found:
+        raise HTTPException(404, f"no job {job_id}")
+    return found[0]
+
+
+def add_job_routes(app: FastAPI) -> None:
+    app.state.broker = None
+
+    @app.post("/jobs", response_model=JobSummary, status_code=201, tags=["jobs"],
+              responses={401: {"description": "no or wrong bearer token"}, 403: {"description": "writes disabled"}})
+    def queue(c: Conn, body: JobRequest, request: Request) -> JobSummary:
+        """Queues labelling exactly as `interp label` does; needs the bearer token INTERP_API_TOKEN."""
+        req = LabelRequest(sae=body.sae, features=body.features, unlabeled=body.unlabeled, explainer=body.explainer,
+                           simulator=body.simulator, scorers=tuple(body.scorers), budget_tokens=body.budget_tokens)
+        return queue_job(c, req, broker(request.app))
+
+    @app.get("/jobs", response_model=JobList, tags=["jobs"])
+    def recent(c: Conn, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
+        """The latest jobs, newest first."""
+        return JobList(items=summaries(c, limit=limit))
+
+    @app.get("/jobs/{job_id}", response_model=JobSummary, tags=["jobs"])
+    def job(c: Conn, job_id: JobId) -> JobSummary:
+        """A job's state and progress: items done and failed, failures by reason, tokens spent."""
+        return job_or_404(c, job_id)
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobSummary, tags=["jobs"],
+              responses={409: {"description": "the job has ended already"}})
+    def stop(c: Conn, job_id: JobId) -> JobSummary:
+        """Stops a job: features in a worker finish, the rest stay pending (resume with `interp label --resume`)."""
+        found = job_or_404(c, job_id)
+        if cancel(c, job_id) is None:
+            raise HTTPException(409, f"job {job_id} is {found.state} already; nothing to cancel")
+        return job_or_404(c, job_id)
+
+
+# ---------------------------------------------------------------- export (interp.export, as `interp export`)
+MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet",
+         "neuronpedia": "application/x-tar"}
+SUFFIX = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet", "neuronpedia": "tar"}
+
+
+class ExportParams(BaseModel):
+    format: Literal["jsonl", "parquet", "csv", "neuronpedia"] = "jsonl"
+    min_score: float | None = Field(None, allow_inf_nan=False)
+    scorer: Annotated[str | None, Field(max_length=64), Text] = None
+    with_examples: bool = False
+
+
+def jsonl_lines(pool: ConnectionPool, name: str, sid: int, p: ExportParams) -> Iterator[str]:
+    """The export's lines a batch at a time from a server-side cursor, on a connection of its own that the
+    response holds while it streams."""
+    with pool.connection() as c:
+        for feats in stream_features(c, name, sid, Filters(scorer=p.scorer, min_score=p.min_score),
+                                     with_examples=p.with_examples):
+            yield "".join(json.dumps(feature_dict(f), ensure_ascii=False) + "\n" for f in feats)
+
+
+def exported_file(c: psycopg.Connection, name: str, p: ExportParams, folder: str) -> str:
+    """Formats that need the whole file first (parquet's footer, csv's scorer columns, Neuronpedia's folder,
+    sent as one tar): written by `interp.export.export` into `folder`; returns the path to send."""
+    out = os.path.join(folder, "export." + SUFFIX[p.format])
+    target = os.path.join(folder, "neuronpedia") if p.format == "neuronpedia" else out
+    export(c, name, p.format, target, min_score=p.min_score, scorer=p.scorer, with_examples=p.with_examples)
+    if p.format == "neuronpedia":
+        with tarfile.open(out, "w") as tar:     # its batch files are gzipped already
+            tar.add(target, arcname=f"{name}-neuronpedia")
+    return out
+
+
+def add_export_route(app: FastAPI) -> None:
+    @app.get("/saes/{name}/export", tags=["catalog"], response_class=StreamingResponse,
+             responses={200: {"content": {m: {} for m in MEDIA.values()}}, 404: {"description": "no such SAE"}})
+    def export_sae(c: Conn, name: SAEName, p: Annotated[ExportParams, Query()], request: Request):
+        """The SAE's labelled catalog as `interp export` writes it, streamed: jsonl straight from the database
+        cursor; parquet, csv and neuronpedia (a tar of its folder) once written."""
+        try:
+            sid = require_sae(c, name)
+        except InputError as e:
+            raise HTTPException(404, str(e)) from None
+        check_scorer(p.scorer)
+        headers = {"Content-Disposition": f'attachment; filename="{quote(name)}.{SUFFIX[p.format]}"'}
+        if p.format == "jsonl":
+            return StreamingResponse(jsonl_lines(request.app.state.pool, name, sid, p), media_type=MEDIA["jsonl"],
+                                     headers=headers)
+        folder = tempfile.mkdtemp(prefix="interp-export-")
+        try:
+            path = exported_file(c, name, p, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return FileResponse(path, media_type=MEDIA[p.format], headers=headers,
+                            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))

@@ -30,6 +30,12 @@ def page(title: str, body: str, script: bool = True) -> HTMLResponse:
         f' <a href="/login">token</a></nav><main>{body}</main></body></html>')
 
 
+def error_page(status: int, detail: str) -> HTMLResponse:
+    out = page(f"error {status}", f'<h1>{status}</h1><p class="error">{escape(detail)}</p>', script=False)
+    out.status_code = status
+    return out
+
+
 def feature_href(sae: str, idx: int) -> str:
     from urllib.parse import quote
 

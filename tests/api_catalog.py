@@ -1,6 +1,6 @@
 """What the API and dashboard tests share: a small labelled catalog in the real Postgres (a random-weight SAE
 harvested over the builtin corpus, a few labels and scores written through the store), and a real
-`interp serve` subprocess on a free port."""
+`interp serve` subprocess on a free port, and an `interp worker` on a queue of the tests' own."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_TOKEN = "w-" + uuid.uuid4().hex      # distinctive, so a test can look for it in logs and bodies
 READ_TOKEN = "r-" + uuid.uuid4().hex
+BROKER = "redis://127.0.0.1:6379/13"    # this suite's own Redis db: the jobs it queues go nowhere else
+QUEUE = f"test-api-{uuid.uuid4().hex[:8]}"
+JOB_ENV = {"CELERY_BROKER_URL": BROKER, "REDIS_URL": BROKER, "JOB_QUEUE": QUEUE, "JOB_CHUNK_SIZE": "4",
+           "SEARCH_INDEX_DIR": tempfile.mkdtemp(prefix="api-search-index-")}
 LABELS = ["numbers and digits in dates", "the word 'the' before nouns", "<script>alert('x')</script> & tags"]
 
 
@@ -77,19 +82,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    full = {**os.environ, "DATABASE_URL": URL, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", **JOB_ENV, **env}
+    for k in ("INTERP_API_TOKEN", "INTERP_API_READ_TOKEN"):
+        if k not in env:
+            full.pop(k, None)
+    return full
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def drop_queue() -> None:
+    """The test queue, its kombu bindings and whatever tasks are left in it (the db is this suite's own)."""
+    import redis
+
+    with redis.Redis.from_url(BROKER) as r:
+        r.delete(QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}")
+
+
+@contextlib.contextmanager
+def worker(log: Path):
+    """`interp worker` (one process) on the test queue."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "worker", "--concurrency", "1"], cwd=ROOT,
+                                env=child_env({}), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
 @contextlib.contextmanager
 def server(log: Path, **env: str):
     """`interp serve` in a subprocess with `env` added (tokens, DATABASE_URL); yields its base URL once it
     answers. Its stdout and stderr go to `log`."""
     port = free_port()
-    full = {**os.environ, "DATABASE_URL": URL, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", **env}
-    for k in ("INTERP_API_TOKEN", "INTERP_API_READ_TOKEN"):
-        if k not in env:
-            full.pop(k, None)
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "interp.cli", "serve", "--port", str(port)], cwd=ROOT,
-                                env=full, stdout=out, stderr=subprocess.STDOUT)
+                                env=child_env(env), stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -103,9 +141,4 @@ def server(log: Path, **env: str):
                 time.sleep(0.2)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

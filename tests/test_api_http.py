@@ -1,13 +1,14 @@
 """The HTTP API against a real `interp serve` (uvicorn subprocess) over a small labelled catalog in the real
 Postgres: listings and pagination, the feature endpoint, every bad input of the issue, auth on writes and
 reads, and secrets kept out of bodies and logs."""
+import html
 import uuid
 
 import httpx
 import pytest
 
 from interp.db import connect
-from tests.api_catalog import READ_TOKEN, URL, WRITE_TOKEN, build_catalog, drop_catalog, server
+from tests.api_catalog import READ_TOKEN, URL, WRITE_TOKEN, build_catalog, drop_catalog, drop_queue, server
 
 DB_PASSWORD = "pw-" + uuid.uuid4().hex      # trust auth ignores it; it must still never show
 
@@ -185,3 +186,166 @@ def test_tokens_and_password_never_in_bodies_or_logs(api, catalog, log):
     assert "GET /saes" in log.read_text()          # the log is the server's, and it logged these requests
     for secret in (WRITE_TOKEN, DB_PASSWORD):
         assert secret not in text
+
+
+# ---------------------------------------------------------------- jobs
+AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+
+
+@pytest.fixture
+def queue_cleanup():
+    yield
+    drop_queue()
+
+
+def test_a_job_queues_shows_lists_and_cancels_like_the_cli(api, catalog, queue_cleanup):
+    r = api.post("/jobs", json={"sae": catalog.name, "features": "0:10", "scorers": ["embedding"]}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert (job["sae"], job["state"], job["n_items"], job["explainer"]) == (catalog.name, "queued", 10, "baseline")
+    assert api.get(f"/jobs/{job['job_id']}").json()["n_items"] == 10
+    assert job["job_id"] in [j["job_id"] for j in api.get("/jobs").json()["items"]]
+    r = api.post(f"/jobs/{job['job_id']}/cancel", headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    again = api.post(f"/jobs/{job['job_id']}/cancel", headers=AUTH)
+    assert again.status_code == 409 and "cancelled already" in again.json()["detail"]
+    assert api.get("/jobs/999999999").status_code == 404
+    assert api.post("/jobs/999999999/cancel", headers=AUTH).status_code == 404
+
+
+BAD_JOBS = [
+    (b"{not json", 422), (b"[]", 422), (b"{}", 422), (b'{"sae": "%s", "features": "0:4", "bogus": 1}', 422),
+    (b'{"sae": "%s", "features": null}', 400), (b'{"sae": null, "features": "0:4"}', 422),
+    (b'{"sae": "%s", "features": "9:4"}', 400), (b'{"sae": "%s", "features": "0:999999"}', 400),
+    (b'{"sae": "%s", "features": "a:b"}', 400), (b'{"sae": "%s"}', 400),
+    (b'{"sae": "%s", "features": "0:4", "unlabeled": true}', 400),
+    (b'{"sae": "%s", "features": "0:4", "scorers": []}', 422), (b'{"sae": "%s", "features": "0:4", "scorers": ["x"]}', 400),
+    (b'{"sae": "%s", "features": "0:4", "budget_tokens": -5}', 422),
+    (b'{"sae": "%s", "features": "0:4", "explainer": "nonsense:model"}', 400),
+    (b'{"sae": "no_such_sae", "features": "0:4"}', 400), (b'{"sae": "x\'; DROP TABLE jobs; --", "features": "0:4"}', 400),
+    (b'{"sae": "a\\u0000b", "features": "0:4"}', 422), (b'{"sae": "\\ud800", "features": "0:4"}', 422),
+]
+
+
+@pytest.mark.parametrize("body,status", BAD_JOBS, ids=[b.decode()[:40] for b, _ in BAD_JOBS])
+def test_malformed_job_bodies_get_4xx_and_write_no_job(api, catalog, body, status):
+    before = job_rows()
+    r = api.post("/jobs", content=body.replace(b"%s", catalog.name.encode()),
+                 headers={"Content-Type": "application/json", **AUTH})
+    assert r.status_code == status, r.text
+    assert r.json()["detail"] and job_rows() == before
+
+
+# ---------------------------------------------------------------- search and export
+def test_search_pages_by_cursor_match_one_long_page(api, catalog):
+    params = {"q": "numbers", "sae": catalog.name}
+    whole = api.get("/features", params={**params, "limit": 100}).json()
+    assert whole["next_cursor"] is None and len(whole["items"]) >= 2        # two explainers labelled it
+    assert any(h["label"] == catalog_label(0) and h["index"] == catalog.labelled[0] for h in whole["items"])
+    seen, cursor = [], None
+    while True:
+        page = api.get("/features", params={**params, "limit": 1, **({"cursor": cursor} if cursor else {})}).json()
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [(h["sae"], h["index"], h["label"]) for h in seen] == \
+           [(h["sae"], h["index"], h["label"]) for h in whole["items"]]
+
+
+BAD_SEARCHES = [
+    ({"q": "' OR 1=1; DROP TABLE explanations; --"}, 200), ({"q": "x" * 10_000}, 422), ({"q": ""}, 422), ({}, 422),
+    ({"q": "the", "limit": -1}, 422), ({"q": "the", "limit": 0}, 422), ({"q": "the", "cursor": "garbage"}, 400),
+    ({"q": "the", "cursor": "WyJhIiwxLDJd"}, 400), ({"q": "the", "sae": "no_such_sae"}, 400),
+    ({"q": "the", "scorer": "bogus"}, 400), ({"q": "the", "min_score": "nan"}, 422), ({"q": "the", "density": "x"}, 400),
+    ({"q": "%%%___\\\\"}, 200), ({"q": "a\x00b"}, 422),
+]
+
+
+@pytest.mark.parametrize("params,status", BAD_SEARCHES, ids=[str(p)[:40] for p, _ in BAD_SEARCHES])
+def test_bad_searches_get_4xx_or_an_empty_result(api, catalog, params, status):
+    # within this test's SAE, whose few labels none of these match (other SAEs in the database may)
+    r = api.get("/features", params={"sae": catalog.name, **params})
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["items"] == [] and r.json()["next_cursor"] is None
+    else:
+        assert r.json()["detail"]
+    with connect(URL) as conn:
+        assert conn.execute("SELECT count(*) FROM explanations e JOIN saes s ON s.id = e.sae_id WHERE s.name = %s",
+                            (catalog.name,)).fetchone()[0] == 5
+
+
+def test_export_streams_each_format_as_interp_export_writes_it(api, catalog, tmp_path):
+    import io
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    with api.stream("GET", f"/saes/{catalog.name}/export", params={"format": "jsonl"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+        assert "content-length" not in r.headers        # streamed, not buffered
+        rows = [json.loads(line) for line in r.iter_lines() if line]
+    assert [f["index"] for f in rows] == list(range(catalog.n_features))
+    first = next(f for f in rows if f["index"] == catalog.labelled[0])
+    assert {e["label"] for e in first["explanations"]} == {catalog_label(0)}
+    scored = api.get(f"/saes/{catalog.name}/export", params={"format": "jsonl", "min_score": 0.85}).text
+    assert [json.loads(line)["index"] for line in scored.splitlines()] == [catalog.labelled[0]]
+    r = api.get(f"/saes/{catalog.name}/export", params={"format": "parquet"})
+    assert r.status_code == 200 and pq.read_table(io.BytesIO(r.content)).num_rows == catalog.n_features
+    r = api.get(f"/saes/{catalog.name}/export", params={"format": "csv"})
+    assert r.text.splitlines()[0].startswith("sae,index,density") and catalog_label(1) in r.text
+    r = api.get(f"/saes/{catalog.name}/export", params={"format": "neuronpedia"})
+    names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
+    assert any(n.endswith("explanations/batch-0.jsonl.gz") for n in names)
+    for params, status in (({"format": "xml"}, 422), ({"scorer": "bogus"}, 400), ({"min_score": "inf"}, 422)):
+        assert api.get(f"/saes/{catalog.name}/export", params=params).status_code == status
+    assert api.get("/saes/no_such_sae/export").status_code == 404
+
+
+@pytest.mark.parametrize("args,message", [(["--port", "0"], "--port must be 1..65535"),
+                                          (["--port", "70000"], "--port must be 1..65535"),
+                                          (["--workers", "0"], "--workers must be at least 1")])
+def test_serve_bad_flags_are_one_error_line(args, message):
+    import subprocess
+    import sys
+
+    from tests.api_catalog import ROOT, child_env
+
+    r = subprocess.run([sys.executable, "-m", "interp.cli", "serve", *args], cwd=ROOT, env=child_env({}),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}, got {args[1]}" and "Traceback" not in r.stderr
+
+
+def test_pooled_connections_killed_under_the_server_are_replaced_not_a_503(api, catalog):
+    assert api.get("/saes").status_code == 200
+    with connect(URL) as conn:
+        killed = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                              " WHERE application_name = 'interp-api' AND datname = current_database()").fetchone()[0]
+    assert killed >= 1
+    for _ in range(3):
+        assert api.get(f"/saes/{catalog.name}/features/{catalog.labelled[0]}").status_code == 200
+
+
+def test_dashboard_pages_answer_errors_as_escaped_html(api, catalog):
+    r = api.get("/ui/saes/<i>x/features/0")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert "&#x27;&lt;i&gt;x&#x27;" in r.text and "<i>" not in r.text
+    r = api.get(f"/ui/saes/{catalog.name}/features/-1")
+    assert r.status_code == 422 and "greater than or equal to 0" in r.text
+    assert api.get("/saes/nope/features/0").headers["content-type"] == "application/json"
+
+
+def test_promoted_and_suppressed_tokens_show_where_known(api, catalog):
+    f = catalog.labelled[2]
+    with connect(URL) as conn:   # MiniLM is not causal, so the harvest stored none: write some as a causal LM's would
+        conn.execute("UPDATE features SET top_logits = %s, bottom_logits = %s WHERE idx = %s"
+                     " AND sae_id = (SELECT id FROM saes WHERE name = %s)", ([2000, 2001], [2002], f, catalog.name))
+        vocab = dict(conn.execute("SELECT token_id, token FROM vocab WHERE token_id = ANY(%s) AND tokenizer ="
+                                  " (SELECT tokenizer FROM saes WHERE name = %s)", ([2000, 2001, 2002], catalog.name)))
+    v = api.get(f"/saes/{catalog.name}/features/{f}").json()
+    assert v["promoted"] == [vocab[2000], vocab[2001]] and v["suppressed"] == [vocab[2002]]
+    page = api.get(f"/ui/saes/{catalog.name}/features/{f}").text
+    assert "promotes:" in page and html.escape(repr(vocab[2001])) in page
+    assert "promotes:" not in api.get(f"/ui/saes/{catalog.name}/features/{catalog.labelled[0]}").text

@@ -87,9 +87,12 @@ function loginForm() {
 }
 
 // ---------------------------------------------------------------- jobs with live progress
-function jobCard(id) {
+function jobCard(id, atEnd) {
+  const old = document.getElementById("job-" + id);
+  if (old) old.remove();
   const box = el("div", {class: "job", id: "job-" + id});
-  document.getElementById("jobs").prepend(box);
+  const list = document.getElementById("jobs");
+  if (atEnd) list.append(box); else list.prepend(box);
   const tick = async () => {
     let j;
     try { j = await api("GET", "/jobs/" + id); } catch (err) {
@@ -133,8 +136,11 @@ function jobsPage() {
     ev.preventDefault();
     jobCard(ev.target.elements.id.value);
   });
-  const id = new URLSearchParams(location.search).get("id");
-  if (id) jobCard(id);
+  api("GET", "/jobs?limit=20").then((page) => {
+    for (const j of page.items) jobCard(j.job_id, true);
+    const id = new URLSearchParams(location.search).get("id");
+    if (id) jobCard(id);
+  }).catch(showJobError);
 }
 
 searchBox();
