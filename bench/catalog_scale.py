@@ -110,6 +110,19 @@ def embed_compositional(conn, vocab: list[str], index_dir: str, rebuild: bool = 
     from interp.store import search as store
 
     enc = label_index.load_encoder()
+    out = {}
+    if store.unembedded_labels(conn, 1):
+        out |= embed_labels(conn, vocab, enc)
+    t = time.perf_counter()
+    label_index.sync_index(conn, index_dir, rebuild=rebuild)
+    out["usearch_build_s"] = time.perf_counter() - t
+    return out
+
+
+def embed_labels(conn, vocab: list[str], enc) -> dict:
+    from interp import label_index
+    from interp.store import search as store
+
     t = time.perf_counter()
     # centred: a plain sum of word vectors drifts towards the vocabulary's mean direction, which would make
     # every synthetic label look alike to every query
@@ -129,9 +142,6 @@ def embed_compositional(conn, vocab: list[str], index_dir: str, rebuild: bool = 
         store.store_embeddings(conn, ids, np.stack(vecs), label_index.EMBED_MODEL)
         n += len(rows)
     out["embed_store_rows_s"] = n / max(time.perf_counter() - t, 1e-9)
-    t = time.perf_counter()
-    label_index.sync_index(conn, index_dir, rebuild=rebuild)
-    out["usearch_build_s"] = time.perf_counter() - t
     return out
 
 
