@@ -1,4 +1,5 @@
-"""Label quality on the planted-feature set: for each scorer (embedding offline; simulation on the local
+"""Label quality on the planted-feature set, its records made by the production path (HarvestState -> catalog
+-> load_feature_examples; needs Postgres at DATABASE_URL, the planted SAE is deleted afterwards): for each scorer (embedding offline; simulation on the local
 LLM), the mean score of correct, baseline, local-LLM and shuffled labels; and seconds per labelled+scored
 feature with the local LLM (explain + simulation) on this machine.
 
@@ -22,11 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tqdm import tqdm  # noqa: E402
 
+from interp.db import connect, migrate  # noqa: E402
 from interp.explainers import BaselineExplainer, LLMExplainer  # noqa: E402
 from interp.local_llm import LocalLLM  # noqa: E402
 from interp.scorers import ScoreConfig, embedding, simulation  # noqa: E402
 from interp.simulator import Simulator  # noqa: E402
-from tests.planted import planted_features, shuffled_labels  # noqa: E402
+from tests.planted import planted_catalog, shuffled_labels  # noqa: E402
 
 
 def fmt(v):
@@ -42,9 +44,19 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=3)
     ap.add_argument("--width", type=int, default=16, help="tokens per simulated snippet")
     ap.add_argument("--no-llm", action="store_true", help="offline scorer only")
+    ap.add_argument("--contexts", type=int, default=2000, help="corpus contexts harvested for the planted SAE")
     a = ap.parse_args()
 
-    planted = planted_features()[:a.features]
+    conn = connect()
+    migrate(conn)
+    # the records are read back whole, so the catalog rows go before the long LLM part needs no connection
+    with planted_catalog(conn, a.contexts) as p:
+        planted, dups = list(zip(p.rules, p.features))[:a.features], p.duplicates_dropped
+    conn.close()
+    measure(a, planted, dups)
+
+
+def measure(a, planted, duplicates_dropped: int) -> None:
     rules = [r for r, _ in planted]
     labels = {"correct": [r.label for r in rules],
               "baseline": [BaselineExplainer().explain_sync(fe).label for _, fe in planted],
@@ -81,7 +93,8 @@ def main() -> None:
         for k, labs in labels.items()}
 
     cols = ["correct", "baseline", "local-llm", "shuffled"]
-    print(f"\nplanted features: {len(planted)}; simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens")
+    print(f"\nplanted features: {len(planted)} over {a.contexts} contexts ({duplicates_dropped} duplicates dropped); "
+          f"simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens")
     print(f"{'scorer':<24}" + "".join(f"{c:>11}" for c in cols))
     for name, row in results.items():
         print(f"{name:<24}" + "".join(f"{fmt(row.get(c)):>11}" for c in cols))
@@ -89,7 +102,8 @@ def main() -> None:
         print(f"seconds per labelled+scored feature (local LLM, explain + simulation): {secs_per_feature:.1f}")
     for (rule, _), *labs in zip(planted, *(labels[c] for c in cols if c in labels)):
         print(f"  {rule.name:<12} " + " | ".join(str(x)[:60] for x in labs[1:]))
-    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "n_active": a.n_active,
+    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "contexts": a.contexts,
+                      "duplicates_dropped": duplicates_dropped, "n_active": a.n_active,
                       "n_random": a.n_random, "width": a.width, "scores": results,
                       "seconds_per_feature_local_llm": secs_per_feature, "labels": labels}))
 

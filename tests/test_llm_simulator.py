@@ -4,9 +4,8 @@ import math
 
 import pytest
 
-from interp.llm import Completion, TokenLogprob
+from interp.llm import Completion, OpenAIClient, TokenLogprob
 from interp.records import Usage
-from interp.llm import OpenAIClient
 from interp.simulator import Simulator, values_from_json, values_from_logprobs
 from tests.stub_llm import Reply, StubLLM
 
