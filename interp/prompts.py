@@ -125,10 +125,11 @@ def parse_label(answer: str | None, refusal: str | None = None) -> str:
 
 
 # GBNF for llama.cpp endpoints: one line "Label: " and a phrase of 1 to 12 words, nothing after it. A small model
-# then cannot chat, ask for more input or write a paragraph; it only chooses the words.
+# then cannot chat, ask for more input or write a paragraph; it only chooses the words (none starting with "<":
+# a 135M model otherwise echoes the "<short description>" placeholder).
 LABEL_GRAMMAR = "\n".join([
     'root ::= "Label: " w (" " w){0,11}',
-    r'w ::= [^ \n\t]{1,24}',
+    r'w ::= [^ \n\t<] [^ \n\t]{0,23}',
 ])
 
 
