@@ -95,15 +95,18 @@ def harvest_state(ctxs: list[list[str]], vocab: dict[str, int], rules: list[Rule
     return state
 
 
+def _harvest(n_contexts: int, rules: list[Rule]) -> tuple[list[str], HarvestState]:
+    ctxs = contexts(n_contexts)
+    names = sorted({t for c in ctxs for t in c})
+    return names, harvest_state(ctxs, {t: i for i, t in enumerate(names)}, rules)
+
+
 @contextmanager
 def planted_catalog(conn: psycopg.Connection, n_contexts: int = 2000,
                     rules: list[Rule] = RULES) -> Iterator[Planted]:
     """Harvests the planted features into the catalog under a fresh name, reads them back, and deletes the
     SAE (and so its rows) afterwards."""
-    ctxs = contexts(n_contexts)
-    names = sorted({t for c in ctxs for t in c})
-    vocab = {t: i for i, t in enumerate(names)}
-    state = harvest_state(ctxs, vocab, rules)
+    names, state = _harvest(n_contexts, rules)
     result = state.result()
     key = vocab_key("planted", names)
     store_vocab(conn, key, names)
@@ -115,6 +118,16 @@ def planted_catalog(conn: psycopg.Connection, n_contexts: int = 2000,
         yield Planted(name, list(rules), features, state.duplicates_dropped)
     finally:
         conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+def planted_features(n_contexts: int = 2000, rules: list[Rule] = RULES) -> list[tuple[Rule, FeatureExamples]]:
+    """The same records without a database: the harvest's result read directly (`HarvestResult.
+    feature_examples`, tokens decoded through the same vocabulary), for tests that need no catalog. The
+    planted-feature tests check that they equal what the catalog gives back."""
+    names, state = _harvest(n_contexts, rules)
+    res = state.result()
+    return [(rule, res.feature_examples(i, sae="planted", decode=lambda ids: [names[t] for t in ids]))
+            for i, rule in enumerate(rules)]
 
 
 def shuffled_labels(rules: list[Rule]) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from interp.explainers import BaselineExplainer
 from interp.scorers import embedding, score_set
-from tests.planted import RULES, contexts, harvest_state, planted_catalog, shuffled_labels
+from tests.planted import RULES, contexts, harvest_state, planted_catalog, planted_features, shuffled_labels
 
 # measured (bench/label_quality.py, real-path records): correct 0.66, baseline 0.65, shuffled 0.44 mean
 # embedding AUROC; the margins leave room for small changes of the harvest's sampling
@@ -36,6 +36,15 @@ def test_planted_records_have_the_harvest_layout_and_are_held_out_by_text(plante
         assert held.leaked == 0 and len(held.examples) == 20, rule.name
         assert all(e.max_act == 0 for e in fe.examples if e.kind == "random")
         assert all(e.tokens and len(e.tokens) == len(e.token_ids) for e in fe.examples)   # decoded from the vocab
+
+
+def test_records_without_the_catalog_equal_the_catalog_ones(planted):
+    for (rule, direct), stored in zip(planted_features(), planted.features):
+        assert [(e.kind, e.split, e.quantile_bin, e.token_ids, e.tokens) for e in direct.examples] == \
+               [(e.kind, e.split, e.quantile_bin, e.token_ids, e.tokens) for e in stored.examples], rule.name
+        for a, b in zip(direct.examples, stored.examples):
+            assert a.acts == pytest.approx(b.acts, abs=1e-6)
+        assert direct.max_act == pytest.approx(stored.max_act)
 
 
 def test_planted_duplicates_are_dropped_so_no_text_is_in_both_splits():
