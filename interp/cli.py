@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from interp.demo import DemoConfig
 from sae.cli_config import config_command
 from sae.configs import HarvestConfig, TrainConfig
 from sae.errors import InputError
@@ -204,40 +205,14 @@ def explain_cmd(
 
 
 @app.command("demo")
-def demo(
-    out: str = typer.Option("runs/demo", help="where the demo SAE goes"),
-    tokens: int = typer.Option(200_000, help="training tokens"),
-    harvest_tokens: int = typer.Option(50_000, "--harvest-tokens", help="corpus tokens harvested into the catalog"),
-    features: int = typer.Option(3, help="features labelled (baseline explainer, embedding scorer) and shown"),
-):
-    """What exists, end to end on the embedded defaults: train and evaluate an SAE on MiniLM, harvest it into
-    the Postgres catalog as `demo`, then label and score a few features offline and show them."""
-    import asyncio
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="small sizes (the CI test's); same steps")):
+    """The whole service end to end on the embedded defaults: services, schema, a MiniLM SAE trained and evaluated,
+    harvested into Postgres, labelled by Celery workers (baseline + an LLM), then the best features, a search and
+    the dashboard's URL. A second run skips what is done."""
+    from interp.demo import run
 
-    from interp.db import connect
-    from interp.harvest_job import harvest_to_catalog
-    from interp.scorers import label_features
-    from interp.store.features import load_feature_examples
-    from interp.store.saes import densest_features
-    from sae.evaluate import evaluate
-    from sae.train import TrainConfig, train
-
-    train(TrainConfig(model="minilm", layer=3, corpus="builtin", latents=2048, k=16, tokens=tokens, out=out))
-    metrics = evaluate(out, corpus="builtin", tokens=50_000)
-    for key, val in metrics.items():
-        typer.echo(f"{key:>16}: {val}")
-    summary = harvest_to_catalog(out, "demo", "builtin", harvest_tokens, replace=True,
-                                 progress=sys.stderr.isatty())
-    typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
-    with connect() as conn:
-        idxs = densest_features(conn, "demo", features)
-        fes = [load_feature_examples(conn, "demo", i) for i in idxs]
-    for result in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
-        ex = result.explanation
-        score = next((s.value for s in result.scores if s.scorer == "embedding"), None)
-        typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
-                   f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
-    typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
+    run(cfg.quick() if quick else cfg)
 
 
 def main() -> None:
