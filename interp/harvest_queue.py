@@ -79,6 +79,9 @@ def run_shard(job_id: int, shard: int) -> str | None:
     if not with_db(jobs.claim_shard, job_id, shard, get_settings().job_lease_s):
         return None
     p = job.params
+    if not p.replace and with_db(sae_id, p.sae) is not None:
+        # the name was free when the job was queued: the set was merged, by a shard killed before it said so
+        return with_db(jobs.finish_shard, job_id, shard, True)
     stop = threading.Event()
     renewer = threading.Thread(target=_renew_until, args=(stop, job_id, shard), daemon=True)
     renewer.start()

@@ -67,3 +67,30 @@ def test_a_shard_whose_worker_is_killed_is_redone_and_the_merge_equals_the_unsha
     listed = cli("jobs")
     assert f"job {job_id} [done] harvest {sharded}: 2 of 2 shards done" in listed.stdout
     conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+
+
+def test_a_shard_redone_after_its_merge_was_written_ends_the_job_without_harvesting(conn, names, monkeypatch):
+    from interp.harvest_queue import run_shard
+    from interp.store.jobs import HarvestJobParams, create_harvest_job
+    from tests.jobs_support import make_sae
+
+    monkeypatch.setenv("DATABASE_URL", URL)
+    name = make_sae(conn, 4)        # the catalog row the merging shard wrote before its worker died
+    params = HarvestJobParams(sae=name, sae_path="/nonexistent", corpus="builtin", tokens=64, cfg={},
+                              state_dir="/nonexistent")
+    job_id = create_harvest_job(conn, params, 2, 5.0)
+    try:
+        assert run_shard(job_id, 1) == "done"
+        assert run_shard(job_id, 1) is None         # a duplicate message finds the job ended
+        assert _items(conn, job_id) == [(0, "queued", 0), (1, "done", 1)]
+    finally:
+        conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+@pytest.mark.parametrize("extra, says", [(("--shards", "0"), "--shards must be at least 1"),
+                                         (("--queue", "harvest"), "--queue needs --shards N"),
+                                         (("--shards", "2", "--shard", "0/2"), "--shards takes neither")])
+def test_bad_shard_options_are_one_line(cli, sae_dir, names, extra, says):
+    r = cli(*harvest_args(sae_dir, names(), *extra))
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
