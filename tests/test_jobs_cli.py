@@ -83,6 +83,8 @@ BAD = [
      "unknown LLM spec 'nope:x'"),
     (["--features", "0:5", "--scorer", "embedding,vibes"], {}, "unknown scorer 'vibes'"),
     (["--features", "0:5", "--scorer", "detection"], {}, "need an LLM simulator"),
+    (["--features", "0:5", "--window", "0"], {}, "--window must be a positive number"),
+    (["--features", "0:5", "--budget-tokens", "-3"], {}, "--budget-tokens must be a positive number"),
     (["--features", "0:5", "--explainer", "openai:m", "--check-endpoint"],
      {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
      "cannot reach the LLM endpoint of openai:m at http://127.0.0.1:9/v1"),
@@ -247,3 +249,18 @@ def test_the_offline_path_baseline_labels_and_embedding_scores(conn, env):
         assert {r[1:4] for r in rows} == {(True, "embedding", "minilm")} and all(0 <= r[4] <= 1 for r in rows)
     finally:
         conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+def test_the_window_bounds_the_chunks_in_flight(conn, sae, env):
+    job = queue_job(conn, LabelRequest(sae=sae, features="0:30", explainer="openai:windowed", simulator="openai:stub",
+                                       scorers=("detection",), window=2), broker_app())
+
+    def in_flight():
+        return conn.execute("SELECT count(DISTINCT chunk) FROM job_items WHERE job_id = %s AND lease_until IS NOT NULL",
+                            (job.job_id,)).fetchone()[0]
+
+    assert in_flight() == 2                             # of 3 chunks of 10
+    assert jobs.top_up(conn, job.job_id, 60) == []      # full: nothing more is sent
+    sent = []
+    run_chunk(job.job_id, 0, 9, sent.extend)
+    assert [(c.first, c.last) for c in sent] == [(20, 29)] and in_flight() == 2
