@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from interp.labelling import LabelRequest, broker_app, failure_reason, queue_job, run_chunk
+from interp.labelling import LabelRequest, broker_app, explainer_version, failure_reason, queue_job, run_chunk
 from interp.settings import get_settings
 from interp.store import jobs
 from tests.helpers import URL
@@ -218,7 +218,8 @@ def test_scores_of_a_new_label_are_not_filed_under_a_different_kept_label(conn, 
     try:
         sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()[0]
         eid = upsert_explanation(conn, sid, Explanation(sae=name, index=0, label="an older label",
-                                                        explainer="openai:stub", prompt_version="explain-v1"))
+                                                        explainer="openai:stub",
+                                                        prompt_version=explainer_version("openai:stub")))
         upsert_score(conn, eid, Score(sae=name, index=0, scorer="detection", simulator="openai:stub",
                                       prompt_version="detection-v1", label="an older label", method="json",
                                       value=None, failure="2/2 batches failed: error: HTTP 500"))
