@@ -235,6 +235,8 @@ def label_cmd(
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="pause the job at this many LLM tokens"),
     resume: Optional[int] = typer.Option(None, "--resume", help="resume a paused or cancelled job by id"),
     check_endpoint: bool = typer.Option(False, "--check-endpoint", help="fail now if the LLM endpoint is unreachable"),
+    window: Optional[int] = typer.Option(None, help="chunks in the broker or a worker at once (default JOB_WINDOW, "
+                                                    "16); about twice the fleet's worker processes"),
     wait: bool = typer.Option(False, "--wait", help="show progress until the job ends"),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -252,7 +254,7 @@ def label_cmd(
                 raise InputError("give --sae NAME (or --resume JOB)")
             req = LabelRequest(sae=sae, features=features, unlabeled=unlabeled, explainer=explainer,
                                simulator=simulator, scorers=tuple(s.strip() for s in scorer.split(",") if s.strip()),
-                               budget_tokens=budget_tokens, check_endpoint=check_endpoint)
+                               budget_tokens=budget_tokens, check_endpoint=check_endpoint, window=window)
             job = queue_job(conn, req, app_)
         if wait:
             job = _wait_job(conn, job.job_id)
