@@ -57,6 +57,21 @@ def get_search_settings() -> SearchSettings:
     return SearchSettings()
 
 
+class HarvestQueueSettings(BaseSettings):
+    """Harvest shards as Celery tasks (issue 13). Kept apart from Settings so its fields are only appended."""
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    harvest_queue: str = "harvest"      # `interp worker --queues harvest` consumes it
+    # where shard tasks leave their partial states (a folder per job): a path every harvest worker reaches,
+    # e.g. a shared mount; a relative path is relative to each worker's working directory
+    harvest_state_root: str = "runs/harvest-states"
+
+
+@lru_cache
+def get_harvest_queue_settings() -> HarvestQueueSettings:
+    return HarvestQueueSettings()
+
+
 class APISettings(BaseSettings):
     """`interp serve`: the HTTP API's tokens and pool. Secrets are SecretStr so a repr or a log never shows them;
     an empty token counts as unset (for writes: disabled, never open)."""
