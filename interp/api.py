@@ -38,7 +38,7 @@ from interp.db import redact_url
 from interp.export import export, feature_dict
 from interp.labelling import LabelRequest, broker_app, queue_job
 from interp.search import MAX_LIMIT, SearchResult, check_scorer, search
-from interp.settings import APISettings
+from interp.settings import Settings
 from interp.store.export import stream_features
 from interp.store.features import FeatureView, feature_view
 from interp.store.jobs import JobSummary, cancel, summaries
@@ -176,7 +176,7 @@ def same(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def auth_problem(settings: APISettings, method: str, path: str, headers: Headers, cookie: str | None
+def auth_problem(settings: Settings, method: str, path: str, headers: Headers, cookie: str | None
                  ) -> tuple[int, str] | None:
     """(status, message) when the request may not go on, None when it may. Writes take the bearer header only
     (a cookie would let another site's form write); reads also take the cookie that /login sets."""
@@ -197,7 +197,7 @@ class Guard:
     """Auth as ASGI middleware, so it runs before a body is read or validated: a write without the token gets
     401 whatever its body holds."""
 
-    def __init__(self, app, settings: APISettings):
+    def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send):
@@ -271,9 +271,9 @@ def install_errors(app: FastAPI, db_shown: str) -> None:
         return answer(request, 500, "internal error")
 
 
-def create_app(settings: APISettings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     """The app with its own pool over `settings.database_url` (opened at startup, closed at shutdown)."""
-    settings = settings or APISettings()
+    settings = settings or Settings()
     # check_connection costs one round trip per request and turns a Postgres restart into a fresh connection
     # instead of one failed request per pooled connection
     pool = ConnectionPool(settings.database_url, min_size=settings.api_pool_min, max_size=settings.api_pool_max,

@@ -432,13 +432,13 @@ def serve(
     INTERP_API_READ_TOKEN when it is set."""
     import uvicorn
 
-    from interp.settings import APISettings
+    from interp.settings import get_settings
 
     if not 0 < port < 65536:
         raise InputError(f"--port must be 1..65535, got {port}")
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    s = APISettings()
+    s = get_settings()
     typer.echo(f"serving http://{host}:{port}/ (API docs at /docs); writes "
                + ("need the bearer token INTERP_API_TOKEN" if s.write_token() else
                   "are disabled (INTERP_API_TOKEN is not set)")

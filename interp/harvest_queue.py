@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 
 from interp.labelling import check_broker, with_db
-from interp.settings import get_harvest_queue_settings, get_settings
+from interp.settings import get_settings
 from interp.store import jobs
 from interp.store.jobs import HarvestJobParams, JobSummary, ShardRef
 from interp.store.saes import name_taken, sae_id
@@ -49,7 +49,7 @@ def queue_harvest(conn: psycopg.Connection, app, sae_path: str, name: str, corpu
     if sae_id(conn, name) is not None and not replace:
         raise name_taken(name)
     check_broker(app)
-    hs = get_harvest_queue_settings()
+    hs = get_settings()
     params = HarvestJobParams(sae=name, sae_path=str(Path(sae_path).resolve()), corpus=corpus, tokens=tokens,
                               cfg=dataclasses.asdict(cfg), replace=replace, device=device, batch_size=batch_size,
                               queue=queue or hs.harvest_queue, state_dir=hs.harvest_state_root)

@@ -9,7 +9,7 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 
 from interp.api import after_cursor, auth_problem, decode_cursor, encode_cursor
-from interp.settings import APISettings
+from interp.settings import Settings
 from interp.web import HIST_H, histogram_svg, shown_tokens, snippet_html
 from sae.records import Example
 
@@ -43,8 +43,8 @@ def test_after_cursor_continues_after_the_item_or_below_its_relevance():
     assert after_cursor(r, [0.2, "s", 3]) == []
 
 
-def settings(write=None, read=None) -> APISettings:
-    return APISettings(interp_api_token=SecretStr(write) if write is not None else None,
+def settings(write=None, read=None) -> Settings:
+    return Settings(interp_api_token=SecretStr(write) if write is not None else None,
                        interp_api_read_token=SecretStr(read) if read is not None else None)
 
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from interp.harvest_job import harvest_to_catalog
-from interp.settings import get_harvest_queue_settings
+from interp.settings import get_settings
 from sae.configs import HarvestConfig
 from tests.helpers import URL, catalog_rows, harvest_args
 from tests.jobs_support import kill_group, start_worker, wait_for, worker_env
@@ -35,7 +35,7 @@ def test_a_shard_whose_worker_is_killed_is_redone_and_the_merge_equals_the_unsha
     env = worker_env(**values)
     for k, v in values.items():
         monkeypatch.setenv(k.upper(), str(v))
-    get_harvest_queue_settings.cache_clear()
+    get_settings.cache_clear()
     workers, job_id = [start_worker(env, concurrency=1, log=tmp_path / f"w{i}.log") for i in range(2)], None
     try:
         r = cli(*harvest_args(sae_dir, sharded, "--shards", "2", "--queue", queue, "--device", "cpu", "--json",
@@ -55,7 +55,7 @@ def test_a_shard_whose_worker_is_killed_is_redone_and_the_merge_equals_the_unsha
     finally:
         for w in workers:
             kill_group(w)
-        get_harvest_queue_settings.cache_clear()
+        get_settings.cache_clear()
     r = cli("jobs", str(job_id), "--json")
     shown = json.loads(r.stdout)
     assert (shown["state"], shown["kind"], shown["sae"], shown["n_done"], shown["n_failed"]) == \
