@@ -178,21 +178,28 @@ class Started:
             self.llm = None
 
 
+def _serving(app, queue: str) -> int:
+    """How many workers on the broker consume `queue`."""
+    answers = app.control.inspect(timeout=1.0).active_queues() or {}
+    return sum(any(q.get("name") == queue for q in qs) for qs in answers.values())
+
+
 def ensure_workers(app, n: int, started: Started) -> str:
-    """Uses the workers that answer a ping, or starts `n` worker processes and waits for them."""
+    """Uses the workers that consume the job queue, or starts `n` worker processes and waits for them."""
     from interp.settings import get_settings
 
-    if app.control.ping(timeout=1.0):
-        return "using the running workers"
+    queue = get_settings().job_queue
+    if (running := _serving(app, queue)):
+        return f"using {running} running worker(s)"
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"interp-demo-worker-{os.getpid()}.log", "ab")
     cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel", "WARNING",
-           "-Q", get_settings().job_queue, "--concurrency", str(n), "--without-gossip", "--without-mingle"]
+           "-Q", queue, "--concurrency", str(n), "--without-gossip", "--without-mingle"]
     started.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if started.procs[-1].poll() is not None:
             raise InputError(f"the worker exited with {started.procs[-1].returncode}; see {log.name}")
-        if app.control.ping(timeout=1.0):
+        if _serving(app, queue):
             return f"started {n} worker process(es), log {log.name}"
     raise InputError(f"the worker did not answer within 90 s; see {log.name}")
 
@@ -218,37 +225,52 @@ def llm_spec(started: Started) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- jobs
-def queue_jobs(conn, app, cfg: DemoConfig, spec: str) -> list[int]:
+def queue_jobs(conn, app, cfg: DemoConfig, spec: str) -> tuple[list[int], list[int]]:
     """The two jobs, through `interp label`'s own path: baseline + embedding over every feature, and the LLM
-    with the simulation scorer over the densest features (they have full example sets)."""
+    with the simulation scorer over the densest features (they have full example sets). Returns the job ids
+    and the LLM's features."""
     from interp.labelling import LabelRequest, queue_job
     from interp.store.saes import densest_features
 
+    picked = densest_features(conn, cfg.name, cfg.llm_features)
     base = queue_job(conn, LabelRequest(sae=cfg.name, unlabeled=True, explainer="baseline",
                                         scorers=("embedding",)), app)
-    llm = queue_job(conn, LabelRequest(sae=cfg.name, indices=tuple(densest_features(conn, cfg.name, cfg.llm_features)),
-                                       explainer=spec, scorers=("simulation",)), app)
-    return [base.job_id, llm.job_id]
+    llm = queue_job(conn, LabelRequest(sae=cfg.name, indices=tuple(picked), explainer=spec,
+                                       scorers=("simulation",)), app)
+    return [base.job_id, llm.job_id], picked
 
 
 ENDED = ("done", "failed", "cancelled", "paused")
 
 
-def wait_jobs(conn, job_ids: list[int]) -> list:
+def _poll(job_ids: list[int]) -> list:
+    """The jobs' summaries on a fresh connection, riding out a database restart (the workers do too)."""
+    import psycopg
+
+    from interp.db import connect
+    from interp.store.jobs import summaries
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with connect() as conn:
+                return [summaries(conn, j)[0] for j in job_ids]
+        except (psycopg.OperationalError, InputError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def wait_jobs(job_ids: list[int]) -> list:
     """Polls the jobs until they end, with one progress bar over their items."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from interp.store.jobs import summaries
-
-    def now():
-        return [summaries(conn, j)[0] for j in job_ids]
-
-    jobs = now()
+    jobs = _poll(job_ids)
     with Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeRemainingColumn(), transient=False) as bar:
         task = bar.add_task("", total=sum(j.n_items for j in jobs), info="")
         while True:
-            jobs = now()
+            jobs = _poll(job_ids)
             done = sum(j.n_done + j.n_failed for j in jobs)
             bar.update(task, completed=done, info=f"failed {sum(j.n_failed for j in jobs)}, "
                                                    f"tokens {sum(j.tokens for j in jobs):,}")
@@ -295,8 +317,25 @@ def show_results(conn, cfg: DemoConfig, spec: str, llm_features: list[int]) -> N
               f"(e.g. http://127.0.0.1:8000/saes/{cfg.name}/features/{best[0].index if best else 0})")
 
 
+def _prepare(conn, cfg: DemoConfig, steps: Steps) -> None:
+    """Schema, SAE and harvest: each skipped when already done with the same settings."""
+    from interp.db import migrate
+
+    with steps.step("migrating the database") as note:
+        applied = migrate(conn)
+        note.append(f"applied {', '.join(applied)}" if applied else "up to date")
+    with steps.step(f"training a TopK SAE on MiniLM layer 3 ({cfg.latents} latents, k={cfg.k}, "
+                    f"{cfg.tokens:,} builtin tokens) and evaluating it") as note:
+        metrics, reused = train_or_reuse(cfg)
+        note.append(("reused " + cfg.out + "; " if reused else "") +
+                    f"FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.3f}")
+    with steps.step(f"harvesting {cfg.harvest_tokens:,} tokens into the catalog as {cfg.name!r}") as note:
+        out = harvest_or_reuse(conn, cfg)
+        note.append("already harvested" if out is None else f"{out['features']} features, {out['examples']:,} examples")
+
+
 def run(cfg: DemoConfig) -> None:
-    from interp.db import connect, migrate
+    from interp.db import connect
     from interp.labelling import broker_app
     from interp.settings import get_settings
     from interp.store.jobs import cancel
@@ -310,31 +349,22 @@ def run(cfg: DemoConfig) -> None:
                 for line in missing:
                     typer.echo(f"error: {line}", err=True)
                 raise typer.Exit(2)
+        app = broker_app()
         with connect() as conn:
-            with steps.step("migrating the database") as note:
-                applied = migrate(conn)
-                note.append(f"applied {', '.join(applied)}" if applied else "up to date")
-            with steps.step(f"training a TopK SAE on MiniLM layer 3 ({cfg.latents} latents, k={cfg.k}, "
-                            f"{cfg.tokens:,} builtin tokens) and evaluating it") as note:
-                metrics, reused = train_or_reuse(cfg)
-                note.append(("reused " + cfg.out + "; " if reused else "") +
-                            f"FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.3f}")
-            with steps.step(f"harvesting {cfg.harvest_tokens:,} tokens into the catalog as {cfg.name!r}") as note:
-                out = harvest_or_reuse(conn, cfg)
-                note.append("already harvested" if out is None else
-                            f"{out['features']} features, {out['examples']:,} examples")
-            app = broker_app()
+            _prepare(conn, cfg, steps)
             with steps.step("workers") as note:
                 note.append(ensure_workers(app, cfg.workers, started))
             with steps.step("the LLM endpoint") as note:
                 spec, where = llm_spec(started)
                 note.append(where)
-            with steps.step("queueing and running the labelling jobs") as note:
-                job_ids = queue_jobs(conn, app, cfg, spec)
-                jobs = wait_jobs(conn, job_ids)
-                note.append("; ".join(f"job {j.job_id} {j.state}: {j.n_done} done, {j.n_failed} failed, "
-                                      f"{j.tokens:,} tokens" for j in jobs))
-            show_results(conn, cfg, spec, [i for i in _job_features(conn, job_ids[1])])
+            job_ids, llm_features = queue_jobs(conn, app, cfg, spec)
+        with steps.step(f"running labelling jobs {job_ids[0]} (baseline, embedding scorer, every feature) and "
+                        f"{job_ids[1]} ({spec}, simulation scorer, {len(llm_features)} features)") as note:
+            jobs = wait_jobs(job_ids)
+            note.append("; ".join(f"job {j.job_id} {j.state}: {j.n_done} done, {j.n_failed} failed, "
+                                  f"{j.tokens:,} tokens" for j in jobs))
+        with connect() as conn:
+            show_results(conn, cfg, spec, llm_features)
         typer.echo(f"\ndemo finished in {steps.total():.0f} s")
     except KeyboardInterrupt:
         with contextlib.suppress(Exception), connect() as conn:
@@ -343,9 +373,3 @@ def run(cfg: DemoConfig) -> None:
         raise
     finally:
         started.stop()
-
-
-def _job_features(conn, job_id: int) -> list[int]:
-    from interp.store.jobs import job_features
-
-    return job_features(conn, job_id)
