@@ -97,7 +97,7 @@ class HarvestConfig:
     ctx_len: int = opt(64, "length of the corpus contexts the model reads")
     n_bins: int = opt(10, "equal-width activation bins for the quantile samples")
     per_bin: int = opt(5, "quantile samples per bin")
-    n_random: int = opt(20, "random non-firing contexts per feature")
+    n_random: int = opt(20, "random non-firing contexts per feature and split")
     reservoir: int = opt(64, "hashed token sample per feature feeding the quantile bins")
     pool: int = opt(256, "random contexts kept for the non-firing examples")
     hist_bins: int = opt(50, "activation histogram bins")

