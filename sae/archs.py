@@ -114,6 +114,23 @@ def _total_var(x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tens
     return (given if given is not None else (x - x.mean(0)).pow(2).sum()).clamp_min(1e-12)
 
 
+def auxk_loss(sae: "SparseAutoencoder", xc, pre, err, dead, total_var) -> torch.Tensor:
+    """AuxK (Gao et al.): the dead latents' top activations must explain the residual error `err`. Unlike
+    sparsify, the gradient also reaches the encoder, so dead latents can move toward the data. xc is the
+    input less b_dec, pre its pre-activations (read without gradient)."""
+    n_dead = 0 if dead is None else int(dead.sum())
+    if n_dead == 0:
+        return torch.zeros((), device=xc.device)
+    k_aux = min(xc.shape[-1] // 2, n_dead)
+    with torch.no_grad():
+        vals, idx = pre.detach().masked_fill(~dead[None], -torch.inf).topk(k_aux, dim=-1, sorted=False)
+        pattern = topk_pattern(idx, pre.shape[1])
+    aux_acts = sparse_linear(xc, sae.W_enc, sae.b_enc, pattern, vals.reshape(-1)).relu()
+    aux_recon = sparse_decode(aux_acts, sae.W_dec, pattern)
+    scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
+    return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
+
+
 class SparseAutoencoder(nn.Module):
     arch: str = ""
 
@@ -161,10 +178,16 @@ class SparseAutoencoder(nn.Module):
         recon = self.decode(acts)
         total_var = _total_var(x, total_var)
         n_total = n_total or x.shape[0]
-        fvu = (x - recon).pow(2).sum() / total_var
+        err = x - recon
+        fvu = err.pow(2).sum() / total_var
         rms = (total_var / n_total).sqrt()
-        return StepOutput(fvu + x.shape[0] / n_total * self.sparsity_loss(pre, acts, rms), recon, fvu,
-                          (acts > 0).float().sum(-1).mean(), (acts > 0).any(0))
+        aux = self.dead_latent_loss(x, pre, err, dead, total_var)
+        return StepOutput(fvu + x.shape[0] / n_total * self.sparsity_loss(pre, acts, rms) + aux / 32, recon, fvu,
+                          (acts > 0).float().sum(-1).mean(), (acts > 0).any(0), aux)
+
+    def dead_latent_loss(self, x, pre, err, dead, total_var) -> torch.Tensor:
+        """A loss that brings dead latents back (`dead` [n_latents] bool); none by default."""
+        return torch.zeros((), device=x.device)
 
     def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         """Mean over the tokens; rms is the batch's root-mean-square distance to its mean (a scale)."""
@@ -270,28 +293,13 @@ class TopKSAE(SparseAutoencoder):
         err = x - recon
         total_var = _total_var(x, total_var)
         fvu = err.pow(2).sum() / total_var
-        aux = self._auxk(xc, pre, err, dead, total_var)
+        aux = auxk_loss(self, xc, pre, err, dead, total_var)
         with torch.no_grad():
             on = acts > 0
             fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
             fired[pattern.col[on]] = True
             l0 = on.sum().float() / x.shape[0]
         return StepOutput(fvu + aux / 32, recon, fvu, l0, fired, aux)
-
-    def _auxk(self, xc, pre, err, dead, total_var):
-        """AuxK (Gao et al.): the dead latents' top activations must explain the residual error. Unlike
-        sparsify, the gradient also reaches the encoder, so dead latents can move toward the data."""
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0:
-            return torch.zeros((), device=xc.device)
-        k_aux = min(xc.shape[-1] // 2, n_dead)
-        with torch.no_grad():
-            vals, idx = pre.masked_fill(~dead[None], -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            pattern = topk_pattern(idx, pre.shape[1])
-        aux_acts = sparse_linear(xc, self.W_enc, self.b_enc, pattern, vals.reshape(-1)).relu()
-        aux_recon = sparse_decode(aux_acts, self.W_dec, pattern)
-        scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
-        return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
 
     def firing_rule(self):
         return f"top {self.cfg.k}", self._encoder()
@@ -489,6 +497,12 @@ class JumpReLUSAE(SparseAutoencoder):
             sl = slice(lo, lo + 16384)
             theta = F.linear(x, self.W_enc[sl], self.b_enc[sl]).float().kthvalue(rank, dim=0).values
             self.log_threshold[sl] = theta.clamp_min(self.cfg.jumprelu_init_threshold).log()
+
+    def dead_latent_loss(self, x, pre, err, dead, total_var):
+        # a latent whose threshold sits above every pre-activation it sees gets no gradient from the
+        # reconstruction nor from the step function's kernel: without AuxK it never comes back (a quarter of
+        # the latents died on MiniLM layer 3)
+        return auxk_loss(self, x - self.b_dec, pre, err, dead, total_var)
 
     def sparsity_loss(self, pre, acts, rms):
         # L0 via the step function, pulled toward the target k from both sides: a plain L0 penalty settles

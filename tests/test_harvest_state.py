@@ -189,7 +189,8 @@ def test_logit_tokens_read_the_decoder_through_the_unembedding():
 def test_flushing_feature_rows_in_chunks_changes_nothing(full, monkeypatch):
     from sae.harvest import _Bank
 
-    monkeypatch.setattr(_Bank.flush, "__defaults__", (7,))
+    for method in (_Bank.flush, _Bank.merge_buffer, _Bank.merge):
+        monkeypatch.setattr(method, "__defaults__", (7,))
     chunked = run(range(24)).result()
     for k in full.examples.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(chunked.examples, k), getattr(full.examples, k), err_msg=k)
