@@ -82,6 +82,19 @@ def _sortable(prim: torch.Tensor) -> torch.Tensor:
     return prim.long() + (1 << 31)
 
 
+def _row_order(P: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order by (P, K) with the empty entries (K < 0) last whatever their P."""
+    big = torch.iinfo(torch.long).max
+    if int(K.max()) < 1 << 32:
+        # one sort: P's 32 order bits above the key's 32 bits, signed (the top bit taken off P's)
+        packed = ((_sortable(P) - (1 << 31)) << 32) | K
+        # empties in column order, so an empty old entry always comes before an empty candidate cell
+        last = big - K.shape[1] + torch.arange(K.shape[1], device=K.device)
+        return torch.where(K < 0, last, packed).sort(dim=1).indices
+    o = torch.where(K < 0, big, K).sort(dim=1, stable=True).indices
+    return o.gather(1, P.gather(1, o).sort(dim=1, stable=True).indices)
+
+
 def _ranks(seg: torch.Tensor) -> torch.Tensor:
     """Each entry's position inside its run of equal values in the sorted seg."""
     start = torch.ones_like(seg, dtype=torch.bool)
@@ -165,38 +178,43 @@ class _Bank:
             self._merge_rows(rows[r0:r1], row_in_chunk, rank[a:b], order[a:b], cols)
 
     def _merge_rows(self, R, ri, rc, ci, cols) -> None:
-        """Rows R with their candidates: candidate ci[j] (into the buffer columns) of row R[ri[j]], rank rc[j]."""
+        """Rows R with their candidates: candidate ci[j] (into the buffer columns) of row R[ri[j]], rank rc[j].
+        Flat 1-D indexing throughout: torch's multi-index paths are several times slower on the CPU."""
         _, prim, key, val, scale, win = cols
         G, cap = R.numel(), self.cap
+        at = ri * (2 * cap) + cap + rc                   # the candidates' cells in a [G, 2 cap] matrix
 
         def both(mine, theirs, fill):
             out = torch.full((G, 2 * cap), fill, dtype=mine.dtype, device=mine.device)
-            out[:, :cap] = mine[R]
-            out[ri, cap + rc] = theirs[ci]
+            out[:, :cap] = mine.index_select(0, R)
+            out.view(-1)[at] = theirs[ci]
             return out
 
         P, K = both(self.prim, prim, self.empty), both(self.key, key, -1)
-        # by (prim, key) with the empty entries last, whatever their prim
-        o = torch.where(K < 0, torch.iinfo(torch.long).max, K).sort(dim=1, stable=True).indices
-        src = o.gather(1, P.gather(1, o).sort(dim=1, stable=True).indices)[:, :cap]
+        src = _row_order(P, K)[:, :cap].contiguous()
         from_old = src < cap
-        kept_slot = self.slot[R].long().gather(1, src.clamp(max=cap - 1))
+        kept_slot = self.slot.index_select(0, R).long().gather(1, src.clamp(max=cap - 1))
         # an incoming entry takes a slot no kept entry holds, the free slots in ascending order
-        used = torch.zeros((G, cap + 1), dtype=torch.int8, device=R.device)
-        used.scatter_(1, torch.where(from_old, kept_slot, cap), 1)
-        free = used[:, :cap].sort(dim=1, stable=True).indices
-        nth_new = ((~from_old).long().cumsum(1) - 1).clamp_min(0)
-        slot = torch.where(from_old, kept_slot, free.gather(1, nth_new))
-        gi, gj = (~from_old).nonzero(as_tuple=True)
-        cand = torch.full((G, cap), -1, dtype=torch.long, device=R.device)
-        cand[ri, rc] = ci
-        new = cand[gi, src[gi, gj] - cap]
-        self.win[R[gi], slot[gi, gj]] = win[new]
-        self.prim[R], self.key[R] = P.gather(1, src), K.gather(1, src)
-        self.val[R] = both(self.val, val, 0).gather(1, src)
-        self.scale[R] = both(self.scale, scale, 0).gather(1, src)
-        self.slot[R] = slot.to(torch.int16)
-        self.worst[R] = self.prim[R, -1]
+        used = torch.zeros((G, cap + 1), dtype=torch.bool, device=R.device)
+        used.scatter_(1, torch.where(from_old, kept_slot, cap), True)
+        free_slot = (~used[:, :cap]).nonzero(as_tuple=True)[1]        # row-major: ascending within each row
+        nth_free = (~used[:, :cap]).sum(1).cumsum(0) - (~used[:, :cap]).sum(1)
+        new_row, new_pos = (~from_old).nonzero(as_tuple=True)
+        nth_new = (~from_old).long().cumsum(1)[new_row, new_pos] - 1
+        slot = kept_slot.clone()
+        new_slot = free_slot[nth_free[new_row] + nth_new]
+        slot.view(-1)[new_row * cap + new_pos] = new_slot
+        cand = torch.full((G * cap,), -1, dtype=torch.long, device=R.device)
+        cand[ri * cap + rc] = ci
+        new = cand[new_row * cap + src.reshape(-1)[new_row * cap + new_pos] - cap]
+        self.win.view(-1, self.width).index_copy_(0, R[new_row] * cap + new_slot, win[new])
+        newP = P.gather(1, src)
+        self.prim.index_copy_(0, R, newP)
+        self.key.index_copy_(0, R, K.gather(1, src))
+        self.val.index_copy_(0, R, both(self.val, val, 0).gather(1, src))
+        self.scale.index_copy_(0, R, both(self.scale, scale, 0).gather(1, src))
+        self.slot.index_copy_(0, R, slot.to(torch.int16))
+        self.worst.index_copy_(0, R, newP[:, -1].contiguous())
 
     def merge(self, other: "_Bank", chunk: int = FEATURE_CHUNK) -> None:
         other.flush()
@@ -283,10 +301,11 @@ class HarvestState:
         row_of[uniq] = torch.arange(uniq.numel(), device=v.device)
         mine = row_of[inv]
         hit = mine >= 0
-        dense = torch.zeros((uniq.numel(), L), device=v.device)
-        dense[mine[hit], pos[hit]] = v[hit]
+        dense = torch.zeros(uniq.numel() * L, device=v.device)
+        dense[mine[hit] * L + pos[hit]] = v[hit]
         start = (at - w // 2).clamp(0, L - w)
-        a = dense[compact[:, None], start[:, None] + torch.arange(w, device=v.device)]
+        cells = (compact * L + start)[:, None] + torch.arange(w, device=v.device)
+        a = dense.index_select(0, cells.view(-1)).view(-1, w)
         s = a.amax(-1)
         return torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8), s
 

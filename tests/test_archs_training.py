@@ -75,4 +75,5 @@ def test_jumprelu_calibration_starts_l0_at_k_and_the_penalty_pulls_toward_k():
     assert abs(l0() - 4) < 0.5
     pre = sae.pre_acts(x)
     loss_at = lambda shift: float(sae.sparsity_loss(pre + shift, None, None))
-    assert loss_at(0.0) < 0.05 < min(loss_at(-10.0), loss_at(10.0))   # too few and too many both cost
+    coef = sae.cfg.l0_coef
+    assert loss_at(0.0) < 0.05 * coef < min(loss_at(-10.0), loss_at(10.0))   # too few and too many both cost
