@@ -524,9 +524,17 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def sparsity_loss(self, pre, acts, rms):
         # L0 via the step function, pulled toward the target k from both sides: a plain L0 penalty settles
-        # wherever it balances the reconstruction, which on MiniLM was about k / 2 from the calibrated start
-        l0 = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
-        return self.cfg.l0_coef * ((l0 - self.cfg.k) / self.cfg.k).square()
+        # wherever it balances the reconstruction, which on MiniLM was about k / 2 from the calibrated start.
+        # The square is of the GLOBAL batch's L0: its gradient, 2 (L0 - k) / k^2 x dL0, is linear in this
+        # rank's L0, so the ranks' shares sum to the single-process gradient (squares of the ranks' own L0
+        # would not)
+        steps = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1)
+        l0 = steps.mean()
+        total = torch.stack([steps.detach().sum(), torch.tensor(float(steps.numel()), device=steps.device)])
+        if _world() > 1:
+            torch.distributed.all_reduce(total)
+        err = (total[0] / total[1] - self.cfg.k) / self.cfg.k
+        return self.cfg.l0_coef * (err.square() + 2 * err / self.cfg.k * (l0 - l0.detach()))
 
     def fold_input_scale(self, scale):
         super().fold_input_scale(scale)
