@@ -37,6 +37,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05
     l0_coef: float = 10.0          # jumprelu: weight of ((L0 - k) / k)^2
     jumprelu_threshold_lr: float = 10.0  # jumprelu: log θ's learning rate over the weights' (see param_groups)
+    jumprelu_l0_gain: float = 0.05   # jumprelu: every log θ moves by gain x (L0 - k) / k after each step
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -189,6 +190,9 @@ class SparseAutoencoder(nn.Module):
     def param_groups(self) -> list[dict]:
         """Adam's parameter groups; each group's learning rate is the schedule's times its lr_scale."""
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def after_step(self, l0: float) -> None:
+        """Called after each optimiser step with the global batch's mean L0 (the same on every rank)."""
 
     def dead_latent_loss(self, x, pre, err, dead, total_var, share: float = 1.0) -> torch.Tensor:
         """A loss that brings dead latents back (`dead` [n_latents] bool); none by default. `share` is x's
@@ -511,6 +515,13 @@ class JumpReLUSAE(SparseAutoencoder):
             sl = slice(lo, lo + 16384)
             theta = F.linear(x, self.W_enc[sl], self.b_enc[sl]).float().kthvalue(rank, dim=0).values
             self.log_threshold[sl] = theta.clamp_min(self.cfg.jumprelu_init_threshold).log()
+
+    @torch.no_grad()
+    def after_step(self, l0):
+        # the L0 penalty acts through each threshold's kernel only and lost to the reconstruction once the
+        # learning rate decayed (L0 drifted from 16 to 25 over the second half of a run): a proportional
+        # controller on the global L0 keeps it at k, and the penalty still decides which latents fire
+        self.log_threshold += self.cfg.jumprelu_l0_gain * (l0 - self.cfg.k) / self.cfg.k
 
     def dead_latent_loss(self, x, pre, err, dead, total_var, share=1.0):
         # a latent whose threshold sits above every pre-activation it sees gets no gradient from the

@@ -181,6 +181,7 @@ class Trainer:
         self.step_n += 1
         self.tokens_seen += x.shape[0]
         fvu, l0_sum = sums.tolist()
+        sae.after_step(l0_sum / x.shape[0])
         return StepStats(fvu, l0_sum / x.shape[0], float(self.dead().float().mean()), lr)
 
     def state(self) -> dict:
