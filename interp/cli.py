@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from interp.demo import DemoConfig
 from sae.cli_config import config_command
 from sae.configs import HarvestConfig, TrainConfig
 from sae.errors import InputError
@@ -200,44 +201,196 @@ def explain_cmd(
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- labelling jobs (issue 14)
+@app.command("label")
+def label_cmd(
+    sae: Optional[str] = typer.Option(None, help="SAE name in the catalog"),
+    features: Optional[str] = typer.Option(None, help="A:B, half-open: the features to label"),
+    unlabeled: bool = typer.Option(False, "--unlabeled", help="every feature without this label and these scores"),
+    explainer: str = typer.Option("baseline", help="openai:MODEL | openai:local | hf:PATH | baseline"),
+    simulator: Optional[str] = typer.Option(None, help="model spec for the LLM scorers (default: the explainer)"),
+    scorer: str = typer.Option("embedding", help="comma-separated: simulation,detection,fuzzing,embedding"),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="pause the job at this many LLM tokens"),
+    resume: Optional[int] = typer.Option(None, "--resume", help="resume a paused or cancelled job by id"),
+    check_endpoint: bool = typer.Option(False, "--check-endpoint", help="fail now if the LLM endpoint is unreachable"),
+    wait: bool = typer.Option(False, "--wait", help="show progress until the job ends"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Queue a labelling job on the workers (or resume one); prints its id. Features already labelled and scored
+    with these settings are skipped."""
+    from interp.db import connect
+    from interp.labelling import LabelRequest, broker_app, queue_job, resume_job
+
+    app_ = broker_app()
+    with connect() as conn:
+        if resume is not None:
+            job = resume_job(conn, resume, budget_tokens, app_)
+        else:
+            if not sae:
+                raise InputError("give --sae NAME (or --resume JOB)")
+            req = LabelRequest(sae=sae, features=features, unlabeled=unlabeled, explainer=explainer,
+                               simulator=simulator, scorers=tuple(s.strip() for s in scorer.split(",") if s.strip()),
+                               budget_tokens=budget_tokens, check_endpoint=check_endpoint)
+            job = queue_job(conn, req, app_)
+        if wait:
+            job = _wait_job(conn, job.job_id)
+    if json_out:
+        emit_json(job.model_dump(mode="json"))
+    elif not wait:
+        typer.echo(f"job {job.job_id}: {job.n_items} features of {job.sae} {job.state}; follow it with "
+                   f"`interp jobs {job.job_id}`")
+    else:
+        _print_job(job)
+    if job.state == "failed":
+        sys.exit(1)
+
+
+def _wait_job(conn, job_id: int):
+    """A progress bar on stderr until the job leaves queued/running: done, failed, features/s, ETA, tokens."""
+    import time
+
+    from tqdm import tqdm
+
+    from interp.store.jobs import ACTIVE, summaries
+
+    job = summaries(conn, job_id)[0]
+    with tqdm(total=job.n_items, unit="feat", file=sys.stderr, dynamic_ncols=True, desc=f"job {job_id}") as bar:
+        while True:
+            bar.update(job.n_done + job.n_failed - bar.n)
+            bar.set_postfix(done=job.n_done, failed=job.n_failed, tokens=job.tokens, refresh=False)
+            if job.state not in ACTIVE:
+                return job
+            time.sleep(0.5)
+            job = summaries(conn, job_id)[0]
+
+
+def _print_job(job) -> None:
+    typer.echo(f"job {job.job_id} [{job.state}] sae {job.sae}: {job.n_done} done, {job.n_failed} failed of "
+               f"{job.n_items}; {job.tokens:,} tokens" + (f" of {job.budget_tokens:,}" if job.budget_tokens else "")
+               + (f"; {job.reason}" if job.reason else ""))
+    for reason, n in job.failures.items():
+        typer.echo(f"  failed {n:>6}: {reason}")
+
+
+@app.command("jobs")
+def jobs_cmd(
+    target: Optional[str] = typer.Argument(None, help="JOB_ID to show one, or `cancel` followed by JOB_ID"),
+    job_id: Optional[int] = typer.Argument(None, help="with cancel: the job to stop"),
+    limit: int = typer.Option(50, help="jobs listed"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """List labelling jobs, show one (`interp jobs ID`), or stop one (`interp jobs cancel ID`): its features in
+    a worker finish, the rest stay pending for `interp label --resume ID`."""
+    from interp.db import connect
+    from interp.store.jobs import cancel, summaries
+
+    with connect() as conn:
+        if target == "cancel":
+            if job_id is None:
+                raise InputError("give the job to cancel: interp jobs cancel JOB_ID")
+            found = summaries(conn, job_id)
+            if not found:
+                raise InputError(f"no job {job_id}; `interp jobs` lists them")
+            if cancel(conn, job_id) is None:
+                raise InputError(f"job {job_id} is {found[0].state} already; nothing to cancel")
+            listed = summaries(conn, job_id)
+        elif target is not None:
+            if not target.isdigit() or job_id is not None:
+                raise InputError(f"unknown jobs command {target!r}; use interp jobs [JOB_ID] or interp jobs cancel ID")
+            listed = summaries(conn, int(target))
+            if not listed:
+                raise InputError(f"no job {target}; `interp jobs` lists them")
+        else:
+            listed = summaries(conn, limit=limit)
+    if json_out:
+        emit_json(listed[0].model_dump(mode="json") if target is not None else
+                  {"jobs": [j.model_dump(mode="json") for j in listed]})
+        return
+    for j in listed:
+        _print_job(j)
+
+
+@app.command("worker")
+def worker_cmd(
+    concurrency: Optional[int] = typer.Option(None, help="worker processes (default: one per CPU)"),
+    queues: Optional[str] = typer.Option(None, help="comma-separated queues (default: settings.job_queue)"),
+    llm_concurrency: Optional[int] = typer.Option(None, "--llm-concurrency", help="LLM calls in flight per process"),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+):
+    """Start a labelling worker in the foreground: the same as `celery -A workers.app worker`."""
+    from interp.settings import get_settings
+
+    if llm_concurrency is not None:
+        os.environ["LLM_CONCURRENCY"] = str(llm_concurrency)
+    cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--loglevel", loglevel,
+           "-Q", queues or get_settings().job_queue, "--without-gossip", "--without-mingle"]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)   # become the worker: signals reach it directly
+
+
 # ---------------------------------------------------------------- catalog
 
 
-@app.command("demo")
-def demo(
-    out: str = typer.Option("runs/demo", help="where the demo SAE goes"),
-    tokens: int = typer.Option(200_000, help="training tokens"),
-    harvest_tokens: int = typer.Option(50_000, "--harvest-tokens", help="corpus tokens harvested into the catalog"),
-    features: int = typer.Option(3, help="features labelled (baseline explainer, embedding scorer) and shown"),
+# ---------------------------------------------------------------- search + export (issue 10)
+@app.command("search")
+def search_cmd(
+    text: str = typer.Argument(..., help="what the label says: words, a phrase, a typo or a synonym"),
+    sae: Optional[str] = typer.Option(None, help="only this SAE"),
+    scorer: Optional[str] = typer.Option(None, help="simulation | detection | fuzzing | embedding"),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="only labels with a score >= X"),
+    density: Optional[str] = typer.Option(None, help="A:B, feature density between A and B"),
+    limit: int = typer.Option(20, help="results shown"),
+    json_out: bool = typer.Option(False, "--json"),
 ):
-    """What exists, end to end on the embedded defaults: train and evaluate an SAE on MiniLM, harvest it into
-    the Postgres catalog as `demo`, then label and score a few features offline and show them."""
-    import asyncio
-
+    """Find features by what their labels say: full text, trigram (typos) and MiniLM (synonyms), fused."""
     from interp.db import connect
-    from interp.harvest_job import harvest_to_catalog
-    from interp.scorers import label_features
-    from interp.store.features import load_feature_examples
-    from interp.store.saes import densest_features
-    from sae.evaluate import evaluate
-    from sae.train import TrainConfig, train
+    from interp.search import search
 
-    train(TrainConfig(model="minilm", layer=3, corpus="builtin", latents=2048, k=16, tokens=tokens, out=out))
-    metrics = evaluate(out, corpus="builtin", tokens=50_000)
-    for key, val in metrics.items():
-        typer.echo(f"{key:>16}: {val}")
-    summary = harvest_to_catalog(out, "demo", "builtin", harvest_tokens, replace=True,
-                                 progress=sys.stderr.isatty())
-    typer.echo("harvest: " + " ".join(f"{k}={v}" for k, v in summary.items()))
     with connect() as conn:
-        idxs = densest_features(conn, "demo", features)
-        fes = [load_feature_examples(conn, "demo", i) for i in idxs]
-    for result in asyncio.run(label_features(fes, "baseline", None, ["embedding"])):
-        ex = result.explanation
-        score = next((s.value for s in result.scores if s.scorer == "embedding"), None)
-        typer.echo(f"feature {ex.index:>5}: {ex.label or ex.failure}  "
-                   f"[baseline label; embedding AUROC {score if score is None else round(score, 3)}]")
-    typer.echo(f"see one with: interp feature demo {idxs[0]}" if idxs else "no features fired")
+        results = search(conn, text, sae=sae, scorer=scorer, min_score=min_score, density=density, limit=limit,
+                         warn=lambda line: typer.echo(f"note: {line}", err=True))
+    if json_out:
+        emit_json({"results": [r.model_dump(exclude={"relevance"}) for r in results]})
+        return
+    from interp.render_search import print_results
+
+    print_results(results)
+
+
+@app.command("export")
+def export_cmd(
+    sae: str = typer.Option(..., help="SAE name in the catalog"),
+    fmt: str = typer.Option(..., "--format", help="jsonl | parquet | csv | neuronpedia"),
+    out: str = typer.Option(..., help="output file (a folder for neuronpedia)"),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="only labels with a score >= X"),
+    scorer: Optional[str] = typer.Option(None, help="the scorer that --min-score and the score columns use"),
+    with_examples: bool = typer.Option(False, "--with-examples", help="add the top snippets (tokens, activations)"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Export an SAE's scored catalog, streamed; the file appears only when complete."""
+    from interp.db import connect
+    from interp.export import export
+
+    with connect() as conn:
+        summary = export(conn, sae, fmt, out, min_score=min_score, scorer=scorer, with_examples=with_examples)
+    if json_out:
+        emit_json(summary.model_dump())
+    else:
+        typer.echo(f"wrote {summary.features:,} features, {summary.explanations:,} labels to {summary.path} "
+                   f"({summary.format}, {summary.seconds:.1f}s)")
+
+
+@app.command("demo")
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="small sizes (the CI test's); same steps")):
+    """The whole service end to end on the embedded defaults: services, schema, a MiniLM SAE trained and evaluated,
+    harvested into Postgres, labelled by Celery workers (baseline + an LLM), then the best features, a search and
+    the dashboard's URL. A second run skips what is done."""
+    from interp.demo import run
+
+    run(cfg.quick() if quick else cfg)
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
         vocab = tokenizer_vocab(hm.tokenizer)
         key = vocab_key(sae.cfg.model, vocab)
         store_vocab(conn, key, vocab)
-        info = {"corpus": corpus, "tokens": state.n_tokens, "ctx": cfg.window, "ctx_len": cfg.ctx_len,
+        info = {"corpus": corpus, "requested_tokens": tokens, "tokens": state.n_tokens, "ctx": cfg.window, "ctx_len": cfg.ctx_len,
                 "top": cfg.top_k, "shards": n, "seed": cfg.seed}
         out = write_harvest(conn, name, _meta(sae, sae_path, sha), state.result_chunks(_logits(hm, sae, cfg.n_logits)),
                             tokenizer=key, harvest_info=info, replace=replace)

@@ -23,7 +23,35 @@ class Settings(BaseSettings):
 
     device: str = "auto"
 
+    # labelling jobs (issue 14)
+    redis_url: str = "redis://127.0.0.1:6379/0"   # the shared rate limits and the fleet's 429 cool-down
+    llm_rpm: int = 0                    # requests per minute per endpoint, over every worker; 0: no limit
+    llm_tpm: int = 0                    # tokens per minute per endpoint (prompt estimate + max_tokens); 0: no limit
+    llm_cooldown_s: float = 5.0         # how long a 429 without Retry-After pauses the whole fleet's calls
+    job_queue: str = "label"
+    job_chunk_size: int = 256           # features per task: their LLM calls run concurrently on one loop
+    job_batch: int = 8                  # features loaded, labelled and stored together inside a chunk
+    job_window: int = 16                # chunks of one job in the broker or a worker at once
+    job_lease_s: float = 60.0           # a chunk's items come back to the queue this long after its worker stops
+    job_sweep_s: float = 15.0           # how often every worker looks for expired leases
+    job_db_retry_s: float = 120.0       # how long a worker keeps retrying a database that is down
+    # must exceed the longest retry countdown, or Redis delivers a waiting task twice; leases cover a lost one
+    job_visibility_timeout_s: int = 7200
+
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class SearchSettings(BaseSettings):
+    """Label search (issue 10). Kept apart from Settings so its fields are only appended."""
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # where the usearch nearest-neighbour file of each catalog lives (derived data: rebuilt from Postgres)
+    search_index_dir: str = "~/.cache/interp/search"
+
+
+@lru_cache
+def get_search_settings() -> SearchSettings:
+    return SearchSettings()

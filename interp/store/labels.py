@@ -73,3 +73,22 @@ def labels_of(conn: psycopg.Connection, sid: int, index: int) -> list[LabelView]
         " WHERE e.sae_id = %s AND e.feature = %s GROUP BY e.id ORDER BY e.id", (sid, index)).fetchall()
     return [LabelView(explainer=r[0], prompt_version=r[1], label=r[2], is_baseline=r[3], failure=r[4],
                       scores=[ScoreView(**s) for s in r[5]]) for r in rows]
+
+
+class ScoredLabel(BaseModel):
+    index: int
+    label: str
+    explainer: str
+    value: float
+
+
+def best_labels(conn: psycopg.Connection, sid: int, scorer: str, limit: int) -> list[ScoredLabel]:
+    """The SAE's best-scoring labels by one scorer, best first, a feature once (by its best label)."""
+    rows = conn.execute(
+        "SELECT e.feature, e.label, e.explainer, s.value FROM explanations e JOIN scores s ON s.explanation_id = e.id"
+        " WHERE e.sae_id = %s AND s.scorer = %s AND s.value IS NOT NULL AND e.label IS NOT NULL"
+        " ORDER BY s.value DESC, e.feature LIMIT %s", (sid, scorer, 8 * limit)).fetchall()
+    best = {}
+    for r in rows:
+        best.setdefault(r[0], ScoredLabel(index=r[0], label=r[1], explainer=r[2], value=r[3]))
+    return list(best.values())[:limit]

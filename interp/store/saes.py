@@ -83,3 +83,16 @@ def lock_session(conn: psycopg.Connection, key: str) -> None:
     """A session-level advisory lock on `key`: held until released or the connection closes (so a crashed
     holder never leaves it held)."""
     conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+
+
+@dataclass
+class HarvestRecord:
+    """What a harvest left on its SAE's row: enough to tell whether the same harvest is already stored."""
+    id: int
+    weights_sha: str | None
+    harvest: dict
+
+
+def harvest_record(conn: psycopg.Connection, name: str) -> HarvestRecord | None:
+    row = conn.execute("SELECT id, weights_sha, harvest FROM saes WHERE name = %s", (name,)).fetchone()
+    return HarvestRecord(*row) if row else None

@@ -1,0 +1,178 @@
+"""The semantic arm's nearest-neighbour index: a usearch file beside the catalog, derived from the label
+embeddings that Postgres keeps (the source of truth), so it can be deleted and rebuilt at any time.
+
+The file records the catalog it was built from (search_catalog.uuid) and the last embedding seq it holds. At
+each search, labels stored since then are embedded with MiniLM (a bounded number per search) and added
+incrementally; a file for another catalog, or an unreadable one, is rebuilt from Postgres. Updates take a file
+lock and are written to a temporary sibling and renamed, so a concurrent reader sees the old file or the new one.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from interp.store import search as store
+
+EMBED_MODEL = "minilm"          # the sentence-transformers MiniLM of interp.scorers.minilm_encoder
+# MiniLM cosine below which a neighbour is unrelated, so nonsense queries get no semantic hits. Measured on
+# the test labels: "car" -> "automobiles and trucks" 0.65, "feline" -> "cats and kittens" 0.57, "%" -> "percent
+# signs in tables" 0.39; unrelated pairs 0.0-0.31 ("bridges" -> "automobiles and trucks")
+MIN_SIMILARITY = 0.35
+# usearch's defaults (16, 128) build at about 1.5 k vectors/s a core here; these at about 6 k, and a search still
+# asks for 200 or more neighbours, so the few lost to a thinner graph do not change what the fusion sees
+HNSW = {"connectivity": 12, "expansion_add": 64}
+EMBED_PER_SEARCH = 2000         # labels embedded at one search; the rest wait for the next one (about 2 s of CPU)
+
+
+class SemanticUnavailable(Exception):
+    """The semantic arm cannot run; the message says why in one line, and search goes on with the text arms."""
+
+
+def meta_path(index_dir: str, catalog: str) -> Path:
+    """The file that names the current index file of a catalog and the last embedding seq it holds. Replacing
+    it is the one atomic step of an update, so the pair (index, seq) is never torn by a crash."""
+    return Path(index_dir).expanduser() / f"labels-{catalog}.json"
+
+
+def embed(texts: list[str], encoder) -> np.ndarray:
+    """Unit-norm MiniLM vectors. A query (a few texts) is embedded on one thread: torch's intra-op threads wait
+    on each other, and on a busy 2-core machine that took one query from 35 ms to 500 ms."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if len(texts) <= 8:
+        torch.set_num_threads(1)
+    try:
+        out = encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    finally:
+        torch.set_num_threads(threads)
+    return out.astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def load_encoder():
+    """MiniLM, loaded once per process (a load costs about a second; a query embedding a few ms)."""
+    try:
+        from interp.scorers import minilm_encoder
+
+        return minilm_encoder()
+    except Exception as e:  # noqa: BLE001 - any failure to load the model means "no semantic arm", said once
+        raise SemanticUnavailable(f"the MiniLM model cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def embed_pending(conn: psycopg.Connection, encoder, limit: int | None = None) -> int:
+    """Embeds up to `limit` (default EMBED_PER_SEARCH) labels that have no embedding yet and stores them;
+    returns how many."""
+    rows = store.unembedded_labels(conn, limit or EMBED_PER_SEARCH)
+    if rows:
+        store.store_embeddings(conn, [r[0] for r in rows], embed([r[1] for r in rows], encoder), EMBED_MODEL)
+    return len(rows)
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+        return meta if (path.parent / meta["file"]).exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_OPEN: dict[Path, tuple[str, object]] = {}   # meta path -> (index file, index) kept open by this process
+
+
+def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
+    """The usearch index holding every stored embedding, or None when there is none. Up to date: opened
+    memory-mapped (instant whatever its size) and kept open; behind: loaded, caught up and saved under the
+    lock; unreadable or `rebuild`: rebuilt from Postgres."""
+    try:
+        import usearch.index  # noqa: F401 - only to say so in one line when it is missing
+    except ImportError as e:
+        raise SemanticUnavailable(f"usearch cannot be imported ({e}); pip install usearch") from None
+    catalog = store.catalog_uuid(conn)
+    path = meta_path(index_dir, catalog)
+    try:
+        meta = None if rebuild else _read_meta(path)
+        if meta is not None and store.last_seq(conn) == meta["seq"]:
+            index = _view(path, meta["file"])
+            if index is not None:
+                return index
+            rebuild = True
+        with _locked(path):
+            return _catch_up(conn, path, catalog, rebuild)
+    except OSError as e:
+        raise SemanticUnavailable(f"the label index at {path} cannot be written ({e.strerror or e})") from None
+
+
+def _restore(file: Path, view: bool):
+    """The index in `file`, or None when it cannot be read (it is then rebuilt from Postgres)."""
+    from usearch.index import Index
+
+    try:
+        return Index.restore(str(file), view=view)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _view(path: Path, file: str):
+    cached = _OPEN.get(path)
+    if cached is None or cached[0] != file or cached[1] is None:
+        cached = _OPEN[path] = (file, _restore(path.parent / file, view=True))
+    return cached[1]
+
+
+def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool):
+    from usearch.index import Index
+
+    meta = _read_meta(path)       # again, under the lock: another process may have caught up meanwhile
+    index = _restore(path.parent / meta["file"], view=False) if meta is not None and not rebuild else None
+    seq = int(meta["seq"]) if index is not None else 0
+    added = 0
+    for ids, vecs, last in store.embeddings_since(conn, seq):
+        if index is None:
+            index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16", **HNSW)
+        index.add(ids, vecs, log=False)
+        seq, added = last, added + len(ids)
+    if index is not None and (added or rebuild or meta is None or seq != int(meta["seq"])):
+        new = {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}
+        _save(index, path, new, meta)
+        _OPEN[path] = (new["file"], index)
+    return index
+
+
+def _save(index, path: Path, meta: dict, old: dict | None) -> None:
+    """A new index file under its own name, then the meta file replaced to point at it, then the old file gone."""
+    meta["file"] = f"{path.stem}-{meta['seq']}.usearch"
+    index.save(str(path.parent / meta["file"]))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+    if old is not None and old.get("file") != meta["file"]:
+        (path.parent / old["file"]).unlink(missing_ok=True)
+
+
+def nearest(index, vec: np.ndarray, k: int, min_similarity: float = MIN_SIMILARITY) -> list[tuple[int, float]]:
+    """(explanation id, cosine) nearest to `vec`: at most k, cosine at least min_similarity, best first."""
+    if index is None or len(index) == 0:
+        return []
+    matches = index.search(vec.astype(np.float32), min(k, len(index)))
+    return [(int(key), 1.0 - float(dist)) for key, dist in zip(matches.keys, matches.distances)
+            if 1.0 - dist >= min_similarity]
+

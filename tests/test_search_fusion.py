@@ -1,0 +1,72 @@
+"""Pure parts of search: reciprocal rank fusion, the --density parser and the query cleaner."""
+import pytest
+
+from interp.search import MAX_QUERY_CHARS, RRF_K, clean_query, parse_density, ranks, rrf
+from sae.errors import InputError
+
+
+def positions(*keys):
+    return {k: r for r, k in enumerate(keys, start=1)}
+
+
+def test_rrf_sums_one_over_k_plus_rank_across_arms():
+    # 10: rank 1 in arm one, rank 2 in arm two -> 1/61 + 1/62; 20: rank 2 and rank 1 -> the same sum;
+    # 30: rank 3 in arm one only -> 1/63; 40: rank 1 in arm three only -> 1/61
+    fused = rrf([positions(10, 20, 30), positions(20, 10), positions(40)])
+    assert fused[10] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused[20] == pytest.approx(1 / 62 + 1 / 61)
+    assert fused[30] == pytest.approx(1 / 63)
+    assert fused[40] == pytest.approx(1 / 61)
+    assert RRF_K == 60
+
+
+def test_rrf_rewards_agreement_over_one_high_rank():
+    # rank 5 in two arms (2/65 = 0.0308) beats rank 1 in one arm (1/61 = 0.0164)
+    fused = rrf([positions(1, 2, 3, 4, 5), positions(6, 7, 8, 9, 5), positions(1)])
+    assert fused[5] > fused[2]
+    assert fused[1] == pytest.approx(2 / 61)
+    assert max(fused, key=fused.get) == 1
+
+
+def test_rrf_of_nothing_is_empty_and_k_is_a_parameter():
+    assert rrf([]) == {}
+    assert rrf([{}, {}]) == {}
+    assert rrf([{7: 1}], k=0) == {7: 1.0}
+
+
+def test_ties_share_the_mean_of_their_positions():
+    # relevance 0.9, 0.5, 0.5, 0.1 -> positions 1, 2-3, 4 -> ranks 1, 2.5, 2.5, 4
+    assert ranks([(1, 0.9), (2, 0.5), (3, 0.5), (4, 0.1)]) == {1: 1, 2: 2.5, 3: 2.5, 4: 4}
+    assert ranks([(1, 0.5), (2, 0.5), (3, 0.5)]) == {1: 2, 2: 2, 3: 2}
+    fused = rrf([ranks([(1, 0.9), (2, 0.5), (3, 0.5)])])
+    assert fused[2] == fused[3] == pytest.approx(1 / 62.5)
+    assert ranks([]) == {}
+
+
+def test_many_ties_in_one_arm_do_not_crowd_out_another_arms_first():
+    # 100 labels tied in arm A (ranks 50.5) against one clear first in arm B (rank 1): B's first wins
+    tied = ranks([(k, 0.75) for k in range(100)])
+    fused = rrf([tied, ranks([(500, 0.6)])])
+    assert max(fused, key=fused.get) == 500
+    assert fused[0] == pytest.approx(1 / 110.5)
+
+
+def test_parse_density_open_and_closed_bounds():
+    assert parse_density(None) == (None, None)
+    assert parse_density("0.001:0.05") == (0.001, 0.05)
+    assert parse_density(":0.5") == (None, 0.5)
+    assert parse_density("0.1:") == (0.1, None)
+    for bad in ("0.1", "a:b", "0.5:0.1", "1:2:3"):
+        with pytest.raises(InputError):
+            parse_density(bad)
+
+
+def test_clean_query_collapses_space_drops_nul_and_bounds_length():
+    assert clean_query("  golden \t gat\n") == "golden gat"
+    assert clean_query("cat\x00s") == "cat s"
+    for empty in ("", "   ", "\x00"):
+        with pytest.raises(InputError, match="empty"):
+            clean_query(empty)
+    assert clean_query("a" * MAX_QUERY_CHARS) == "a" * MAX_QUERY_CHARS
+    with pytest.raises(InputError, match="at most"):
+        clean_query("a" * 10_000)

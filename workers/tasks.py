@@ -1,0 +1,50 @@
+"""The workers' tasks, thin: the job logic is interp.labelling's.
+
+- `label_chunk(job_id, first, last)`: label and score one chunk of a job's features, then send its next chunks.
+- the sweeper: a thread in every live worker's main process that returns expired leases to the queue (see
+  interp.labelling.sweep), so a job never waits on the broker to redeliver what a dead worker held.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from functools import partial
+
+from celery.signals import worker_ready, worker_shutdown
+
+from interp import labelling
+from interp.settings import get_settings
+
+from .app import app
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)    # a line per LLM call costs CPU a worker needs for calls
+_stop = threading.Event()
+
+
+@app.task(name=labelling.TASK)
+def label_chunk(job_id: int, first: int, last: int) -> None:
+    n = labelling.run_chunk(job_id, first, last, partial(labelling.send_chunks, app))
+    log.info("job %d: chunk %d..%d stored %d features", job_id, first, last, n)
+
+
+def _sweep_forever() -> None:
+    period = get_settings().job_sweep_s
+    while not _stop.wait(period * random.uniform(0.8, 1.2)):  # jitter: the fleet's sweepers spread apart
+        try:
+            sent = labelling.sweep(partial(labelling.send_chunks, app))
+            if sent:
+                log.info("sweeper: sent %d chunks again", sent)
+        except Exception:  # noqa: BLE001 - the sweeper must outlive a database or broker outage
+            log.exception("sweeper pass failed; next in %.0fs", period)
+
+
+@worker_ready.connect
+def _start_sweeper(**_) -> None:
+    threading.Thread(target=_sweep_forever, name="lease-sweeper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_) -> None:
+    _stop.set()
