@@ -84,6 +84,11 @@ def main() -> None:
     st, stream_s, stream_cpu = stream(F, args)
     n_tok = st.n_tokens
     rss_stream_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # the peak so far
+    # printed before the load, so a failing database does not take the streaming numbers with it
+    print(json.dumps({"stream": F, "stream_tok_s": round(n_tok / stream_s), "stream_cpu_tok_s": round(n_tok / stream_cpu),
+                      "baseline_tok_s": round(base[0]) if base else None,
+                      "baseline_cpu_tok_s": round(base[1]) if base else None,
+                      "peak_rss_stream_gib": round(rss_stream_gib, 2)}), flush=True)
 
     conn = connect()
     migrate(conn)
