@@ -116,12 +116,14 @@ class _Bank:
 
     BUFFER_BYTES = 1 << 28
 
-    def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device):
+    def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device,
+                 scale_is_val: bool = False):
         self.n, self.cap, self.width, self.empty = n, cap, width, empty
         self.prim = torch.full((n, cap), empty, dtype=prim_dtype, device=device)
         self.key = torch.full((n, cap), -1, dtype=torch.long, device=device)
         self.val = torch.zeros((n, cap), device=device)
-        self.scale = torch.zeros((n, cap), device=device)
+        # a top entry's window max is its context max, its val: one tensor under both names (200 MB at 1 M)
+        self.scale = self.val if scale_is_val else torch.zeros((n, cap), device=device)
         self.slot = torch.arange(cap, dtype=torch.int16, device=device).repeat(n, 1)
         self.win = torch.zeros((n, cap, width), dtype=torch.uint8, device=device)
         self.worst = torch.full((n,), empty, dtype=prim_dtype, device=device)
@@ -212,7 +214,8 @@ class _Bank:
         self.prim.index_copy_(0, R, newP)
         self.key.index_copy_(0, R, K.gather(1, src))
         self.val.index_copy_(0, R, both(self.val, val, 0).gather(1, src))
-        self.scale.index_copy_(0, R, both(self.scale, scale, 0).gather(1, src))
+        if self.scale is not self.val:
+            self.scale.index_copy_(0, R, both(self.scale, scale, 0).gather(1, src))
         self.slot.index_copy_(0, R, slot.to(torch.int16))
         self.worst.index_copy_(0, R, newP[:, -1].contiguous())
 
@@ -226,7 +229,9 @@ class _Bank:
             self.merge_buffer(chunk)
 
     def tensors(self) -> dict:
-        return {k: getattr(self, k) for k in ("prim", "key", "val", "scale", "slot", "win")}
+        """The bank's tensors, each once (the top bank's scale is its val)."""
+        names = ("prim", "key", "val", "slot", "win") + (() if self.scale is self.val else ("scale",))
+        return {k: getattr(self, k) for k in names}
 
 
 class HarvestState:
@@ -243,7 +248,7 @@ class HarvestState:
         self.sumq = torch.zeros(n_features, dtype=torch.long, device=dev)
         self.hist = torch.zeros((n_features, cfg.hist_bins), dtype=torch.long, device=dev)
         self.hist_hi = torch.zeros(n_features, device=dev)
-        self.top = _Bank(n_features, cfg.top_k, self.width, torch.float32, math.inf, dev)
+        self.top = _Bank(n_features, cfg.top_k, self.width, torch.float32, math.inf, dev, scale_is_val=True)
         # the reservoir's hashes are 32-bit: kept as int32 (less 2^31), half the memory of int64
         self.res = _Bank(n_features, cfg.reservoir, self.width, torch.int32, torch.iinfo(torch.int32).max, dev)
         self.pool: dict[int, tuple[int, torch.Tensor]] = {}   # ctx -> (hash, firing features)
