@@ -105,11 +105,24 @@ def load(conn, name: str, n: int, vocab: list[str]) -> tuple[int, dict]:
     return sid, out
 
 
-def embed_compositional(conn, vocab: list[str], index_dir: str) -> dict:
+def embed_compositional(conn, vocab: list[str], index_dir: str, rebuild: bool = True) -> dict:
     from interp import label_index
     from interp.store import search as store
 
     enc = label_index.load_encoder()
+    out = {}
+    if store.unembedded_labels(conn, 1):
+        out |= embed_labels(conn, vocab, enc)
+    t = time.perf_counter()
+    label_index.sync_index(conn, index_dir, rebuild=rebuild)
+    out["usearch_build_s"] = time.perf_counter() - t
+    return out
+
+
+def embed_labels(conn, vocab: list[str], enc) -> dict:
+    from interp import label_index
+    from interp.store import search as store
+
     t = time.perf_counter()
     # centred: a plain sum of word vectors drifts towards the vocabulary's mean direction, which would make
     # every synthetic label look alike to every query
@@ -129,9 +142,6 @@ def embed_compositional(conn, vocab: list[str], index_dir: str) -> dict:
         store.store_embeddings(conn, ids, np.stack(vecs), label_index.EMBED_MODEL)
         n += len(rows)
     out["embed_store_rows_s"] = n / max(time.perf_counter() - t, 1e-9)
-    t = time.perf_counter()
-    label_index.sync_index(conn, index_dir, rebuild=True)
-    out["usearch_build_s"] = time.perf_counter() - t
     return out
 
 
@@ -208,10 +218,13 @@ def export_bench(name: str, fmt: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000, help="labelled features")
-    ap.add_argument("--vocab", type=int, default=5000, help="corpus words in the Zipf vocabulary")
+    ap.add_argument("--vocab", type=int, default=3000, help="corpus words in the Zipf vocabulary")
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--keep", action="store_true", help="leave the synthetic SAE in the catalog")
+    ap.add_argument("--resume", metavar="NAME", help="go on with the SAE a failed run left (it names it), "
+                    "skipping the load: a Postgres restart mid-run costs only the stage it hit")
+    ap.add_argument("--index-dir", help="usearch folder (default: a new temporary one)")
     args = ap.parse_args()
     import torch
 
@@ -219,25 +232,26 @@ def main() -> None:
     conn = connect()
     migrate(conn)
     bulk.create_search_indexes(conn)    # a no-op, unless a run stopped between dropping and building them
-    name = f"bench_catalog_{uuid.uuid4().hex[:6]}"
+    name = args.resume or f"bench_catalog_{uuid.uuid4().hex[:6]}"
     vocab = vocabulary(args.vocab)
     res: dict = {"n": args.n, "vocab": len(vocab)}
-    index_dir = tempfile.mkdtemp(prefix="catalog-index-")
+    index_dir = args.index_dir or tempfile.mkdtemp(prefix="catalog-index-")
+    print(f"SAE {name}, index {index_dir}", file=sys.stderr, flush=True)
+
     def stage(out: dict) -> None:
         res.update(out)
         print(json.dumps(out), file=sys.stderr, flush=True)     # partial results survive a later failure
 
-    try:
+    if not args.resume:
         stage(load(conn, name, args.n, vocab)[1])
-        stage(embed_compositional(conn, vocab, index_dir))
-        stage(latency(conn, name, vocab, index_dir, args.queries))
-        if not args.no_export:
-            for fmt in ("parquet", "jsonl"):
-                e = export_bench(name, fmt)
-                stage({f"export_{fmt}_s": e["seconds"], f"export_{fmt}_rss_mib": e["peak_rss_mib"]})
-    finally:
-        if not args.keep:
-            conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+    stage(embed_compositional(conn, vocab, index_dir, rebuild=not args.resume))
+    stage(latency(conn, name, vocab, index_dir, args.queries))
+    if not args.no_export:
+        for fmt in ("parquet", "jsonl"):
+            e = export_bench(name, fmt)
+            stage({f"export_{fmt}_s": e["seconds"], f"export_{fmt}_rss_mib": e["peak_rss_mib"]})
+    if not args.keep:       # a failed run leaves it, for --resume
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))
     for k, v in res.items():
         print(f"{k:>24}: {v:,.1f}" if isinstance(v, float) else f"{k:>24}: {v}")
     print(json.dumps({"bench": "catalog_scale", **res}))

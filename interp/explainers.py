@@ -67,11 +67,14 @@ class LLMExplainer:
         snippets = [window(e, self.width) for e in chosen]
         max_act = max(max(a) for _, a in snippets)
         messages = prompts.load(self.prompt_version).messages(examples=prompts.explain_block(snippets, max_act))
+        # where the endpoint enforces a grammar (llama.cpp) the answer can only be one short label line
+        grammar = prompts.LABEL_GRAMMAR if self.client.grammar_ok else None
         for attempt in range(self.attempts):
             rec.attempts = attempt + 1
             try:
                 # a retry after a bad answer samples instead of repeating the same greedy answer
-                c = await self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.0 if attempt == 0 else 0.7)
+                c = await self.client.chat(messages, max_tokens=self.max_tokens,
+                                           temperature=0.0 if attempt == 0 else 0.7, grammar=grammar)
             except LLMError as e:
                 rec.failure = f"error: {e}"
                 return rec

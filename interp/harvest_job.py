@@ -118,6 +118,7 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
             for j in range(n):
                 _shard_file(folder, j, n).unlink(missing_ok=True)
         return {"features": out["features"], "examples": out["examples"], "tokens": state.n_tokens,
-                "seconds": round(time.perf_counter() - t0, 2), "labels_kept": out["labels_kept"]}
+                "seconds": round(time.perf_counter() - t0, 2), "labels_kept": out["labels_kept"],
+                "duplicates_dropped": state.duplicates_dropped}
     finally:
         conn.close()

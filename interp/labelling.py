@@ -48,6 +48,7 @@ class LabelRequest:
     scorers: tuple[str, ...] = ("embedding",)
     budget_tokens: int | None = None
     check_endpoint: bool = False
+    window: int | None = None           # chunks in flight; default settings.job_window
 
 
 def parse_range(text: str, n: int, sae: str) -> tuple[int, int]:
@@ -163,6 +164,8 @@ def queue_job(conn: psycopg.Connection, req: LabelRequest, app) -> JobSummary:
     n = n_features(conn, sid)
     if req.budget_tokens is not None and req.budget_tokens <= 0:
         raise InputError(f"--budget-tokens must be a positive number of tokens, got {req.budget_tokens}")
+    if req.window is not None and req.window <= 0:
+        raise InputError(f"--window must be a positive number of chunks, got {req.window}")
     wanted = select_features(req, n)
     check_specs(req)
     check_broker(app)
@@ -171,7 +174,7 @@ def queue_job(conn: psycopg.Connection, req: LabelRequest, app) -> JobSummary:
     done = jobs.complete_features(conn, sid, req.explainer, version, scorer_pairs(req), lo, hi)
     todo = np.setdiff1d(wanted, done, assume_unique=True)
     params = JobParams(sae=req.sae, explainer=req.explainer, simulator=req.simulator, scorers=list(req.scorers),
-                       prompt_version=version, window=s.job_window)
+                       prompt_version=version, window=req.window or s.job_window)
     job_id = jobs.create_job(conn, sid, params, todo, s.job_chunk_size, req.budget_tokens)
     send_chunks(app, jobs.top_up(conn, job_id, s.job_lease_s))
     return jobs.summaries(conn, job_id)[0]

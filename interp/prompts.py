@@ -21,7 +21,7 @@ from .scoring import normalise_activations
 PROMPTS = Path(__file__).parent / "prompts"
 MAX_LABEL = 200
 OPEN, CLOSE = "<<", ">>"
-DEFAULT_VERSIONS = {"explain": "explain-v1", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
+DEFAULT_VERSIONS = {"explain": "explain-v2", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
                     "detection": "detection-v1", "fuzzing": "fuzzing-v1"}
 
 
@@ -88,6 +88,12 @@ def numbered_snippets(snippets: list[str]) -> str:
 
 
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i won'?t|as an ai)", re.I)
+# small models answer a prompt they cannot follow with a request for more input ("please provide the full
+# code ..."): that is no label either, wherever in the answer it stands
+_ASKS_FOR_INPUT = re.compile(r"\b(please (provide|share|give|send)|provide (me )?(with )?(the|more|some|additional)\b|"
+                             r"(more|additional) (information|context|details|examples|input)|happy to (help|assist)|"
+                             r"(is|are) not (available|provided)|i need (more|the)|could you (please )?(share|provide)|"
+                             r"let me know)", re.I)
 _LABEL = re.compile(r"label\s*[:：]\s*(.+)", re.I)
 
 
@@ -103,6 +109,8 @@ def parse_label(answer: str | None, refusal: str | None = None) -> str:
         raise LabelError("empty")
     if _REFUSAL.match(answer):
         raise LabelError("refusal")
+    if _ASKS_FOR_INPUT.search(answer):
+        raise LabelError("refusal: the answer asks for more input")
     m = _LABEL.search(answer)
     line = m.group(1) if m else next(ln for ln in answer.splitlines() if ln.strip())
     line = line.strip().rstrip(".").strip("*_`").strip().rstrip(".")
@@ -114,6 +122,15 @@ def parse_label(answer: str | None, refusal: str | None = None) -> str:
     if not any(ch.isalnum() for ch in line):
         raise LabelError(f"unparseable: {answer.strip()[:60]!r}")
     return line
+
+
+# GBNF for llama.cpp endpoints: one line "Label: " and a phrase of 1 to 12 words, nothing after it. A small model
+# then cannot chat, ask for more input or write a paragraph; it only chooses the words (none starting with "<":
+# a 135M model otherwise echoes the "<short description>" placeholder).
+LABEL_GRAMMAR = "\n".join([
+    'root ::= "Label: " w (" " w){0,11}',
+    r'w ::= [^ \n\t<] [^ \n\t]{0,23}',
+])
 
 
 def clean_label(line: str) -> str:

@@ -21,7 +21,13 @@ from . import prompts
 from .explainers import window
 from .llm import LLMClient, LLMError, NullClient, is_baseline
 from .records import ExampleScore, Explanation, LabelResult, Score, Usage
-from .scoring import auroc, classification_scores, normalise_activations, simulation_scores
+from .scoring import (
+    auroc,
+    classification_scores,
+    normalise_activations,
+    simulation_scores,
+    simulation_scores_normalised,
+)
 from .simulator import Simulator
 
 if TYPE_CHECKING:
@@ -32,16 +38,22 @@ SCORERS = ("simulation", "detection", "fuzzing", "embedding")
 _LIST = re.compile(r"\[[^\[\]]*\]")
 
 
-def score_set(fe: FeatureExamples) -> list[Example]:
-    """The score split, refusing any snippet the explainer could have seen (held-out by construction
-    upstream; this is the guard that keeps a leak from silently inflating every score)."""
+@dataclass
+class HeldOut:
+    """The score split a scorer may use, and how many of its snippets were dropped because their text also
+    appears in the explain split (stored with every score as `leaked_dropped`)."""
+    examples: list[Example]
+    leaked: int = 0
+
+
+def score_set(fe: FeatureExamples) -> HeldOut:
+    """The score split without any snippet the explainer could have seen. The harvest keeps the splits
+    disjoint by text (it drops duplicate contexts); a snippet that still repeats an explain snippet (say two
+    contexts that differ only outside the window) is dropped and counted here, never scored, so a leak can
+    neither inflate a score nor fail the feature."""
     seen = {tuple(e.token_ids) for e in fe.split("explain")}
-    out = fe.split("score")
-    leaked = sum(tuple(e.token_ids) in seen for e in out)
-    if leaked:
-        raise InputError(f"feature {fe.sae}/{fe.index}: {leaked} score-set snippets also appear in the explain set; "
-                         "scores must be computed on held-out snippets only")
-    return out
+    held = [e for e in fe.split("score") if tuple(e.token_ids) not in seen]
+    return HeldOut(held, len(fe.split("score")) - len(held))
 
 
 def pick(exs: list[Example], n_active: int, n_random: int) -> list[Example]:
@@ -77,7 +89,8 @@ class ScoreConfig:
 
 async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig | None = None) -> Score:
     cfg = cfg or ScoreConfig()
-    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    held = score_set(fe)
+    exs = pick(held.examples, cfg.n_active, cfg.n_random)
     wins = [window(e, cfg.width) for e in exs]
     # the first call runs alone: it shows whether the endpoint returns logprobs, so the rest use one method
     sims = [await simulator.simulate(label, wins[0][0])] if wins else []
@@ -85,7 +98,12 @@ async def simulation(fe, label, simulator: Simulator, cfg: ScoreConfig | None = 
     usage = Usage()
     for s in sims:
         usage.add(s.usage)
-    vals = simulation_scores([a for _, a in wins], [s.expected for s in sims])
+    true, predicted = [a for _, a in wins], [s.expected for s in sims]
+    vals = simulation_scores(true, predicted)
+    max_act = fe.max_act if fe.max_act > 0 else max((e.max_act for e in fe.examples), default=0.0)
+    vals.update(simulation_scores_normalised(true, predicted, max_act))
+    vals.update(missing_tokens=sum(s.missing for s in sims), sampled_tokens=sum(s.sampled for s in sims),
+                leaked_dropped=held.leaked)
     methods = {s.method for s in sims}
     failures = [s.failure for s in sims if s.failure]
     at = _position(fe)
@@ -144,7 +162,8 @@ async def classify(kind: str, fe, label, client, cfg: ScoreConfig | None = None)
     """Detection or fuzzing: batches of `cfg.batch` snippets, activating and not mixed, a 0/1 per snippet."""
     cfg = cfg or ScoreConfig()
     rng = random.Random(cfg.seed * 1_000_003 + fe.index)
-    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    held = score_set(fe)
+    exs = pick(held.examples, cfg.n_active, cfg.n_random)
     rng.shuffle(exs)
     wins = [window(e, cfg.width) for e in exs]
     marks = _fuzz_marks(exs, wins, rng) if kind == "fuzzing" else [[False] * len(t) for t, _ in wins]
@@ -180,6 +199,7 @@ async def classify(kind: str, fe, label, client, cfg: ScoreConfig | None = None)
                                           predicted=preds[j], probability=proba[-1]))
     vals = classification_scores(y, yhat, proba if has_probs and y else None) if y else \
         dict.fromkeys(("balanced_accuracy", "precision", "recall", "f1", "auroc"))
+    vals["leaked_dropped"] = held.leaked
     return Score(sae=fe.sae, index=fe.index, scorer=kind, simulator=client.spec, prompt_version=prompt.version,
                  label=label, method="logprobs" if has_probs and y else "json", value=vals["balanced_accuracy"],
                  values=vals, usage=usage, breakdown=breakdown,
@@ -214,7 +234,8 @@ def _embed(texts: list[str], enc):
 def embedding(fe, label, cfg: ScoreConfig | None = None, encoder=None) -> Score:
     """Offline: AUROC of cosine(label, snippet) separating activating from non-activating snippets."""
     cfg = cfg or ScoreConfig()
-    exs = pick(score_set(fe), cfg.n_active, cfg.n_random)
+    held = score_set(fe)
+    exs = pick(held.examples, cfg.n_active, cfg.n_random)
     texts = ["".join(window(e, cfg.width)[0]) for e in exs]
     vecs = _embed([label] + texts, encoder or minilm_encoder())
     sims = (vecs[1:] @ vecs[0]).tolist()
@@ -222,7 +243,7 @@ def embedding(fe, label, cfg: ScoreConfig | None = None, encoder=None) -> Score:
     value = auroc(y, sims)
     at = _position(fe)
     return Score(sae=fe.sae, index=fe.index, scorer="embedding", simulator="minilm", prompt_version="embedding-v1",
-                 label=label, method="embedding", value=value, values={"auroc": value},
+                 label=label, method="embedding", value=value, values={"auroc": value, "leaked_dropped": held.leaked},
                  breakdown=[ExampleScore(example=at[id(e)], kind=e.kind, true=t, predicted=None, probability=s)
                             for e, t, s in zip(exs, y, sims)])
 
@@ -314,17 +335,23 @@ async def label_feature(fe: FeatureExamples, explainer: str, simulator: str | No
 
 
 def read_feature_file(path: str) -> FeatureExamples:
-    """A FeatureExamples record from JSON ({"sae", "index", "examples": [{token_ids, acts, kind, split,
-    quantile_bin, tokens}], ...}), for debugging one feature without the catalog."""
+    """A FeatureExamples record from JSON, for debugging one feature without the catalog: either the record
+    itself ({"sae", "index", "examples": [{token_ids, acts, kind, split, quantile_bin, tokens}], ...}) or the
+    output of `interp feature NAME IDX --json` as it is (the record sits in its "examples" object)."""
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"feature file {path!r} not found; give a JSON file with sae, index and examples")
+        raise InputError(f"feature file {path!r} not found; give a JSON file with sae, index and examples "
+                         "(`interp feature NAME IDX --json` writes one)")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
-        exs = [Example(**e) for e in raw.pop("examples")]
-        return FeatureExamples(examples=exs, **raw)
+        if isinstance(raw.get("examples"), dict):
+            raw = raw["examples"]
+        exs = [Example(**e) for e in raw["examples"]]
+        fields = {k: raw[k] for k in ("sae", "index", "max_act", "density") if k in raw}
+        return FeatureExamples(examples=exs, **fields)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path} is not a feature file ({first_line(e)}); expected "
+        raise InputError(f"{path} is not a feature file ({first_line(e)}); expected the output of "
+                         "`interp feature NAME IDX --json`, or "
                          '{"sae": ..., "index": ..., "examples": [{"token_ids": [...], "acts": [...], ...}]}') from None

@@ -32,6 +32,37 @@ def expected_value(top_logprobs: dict[str, float]) -> float | None:
     return float(np.dot(vals, p))
 
 
+def expected_value_split(top_logprobs: dict[str, float], p_zero_after_one: float = 0.0) -> float | None:
+    """E = Σ v·p over 0..10 read at a value's first token, for tokenizers that write 10 as "1" then "0".
+    The "1" mass is split by q = P("0" | "1"), read at the next position: P(10) = P("10") + q·P("1"),
+    P(1) = (1 - q)·P("1"); then renormalised over 0..10. q is only observable when the answer's first
+    digit was "1" (the next position's logprobs are conditioned on it); otherwise pass 0, reading "1" as 1.
+    None when no entry is a value."""
+    p = np.zeros(len(DIGITS), dtype=np.float64)
+    for tok, lp in top_logprobs.items():
+        t = tok.strip()
+        if t in DIGITS:
+            p[int(t)] += math.exp(lp)
+    q = min(1.0, max(0.0, p_zero_after_one))
+    p[10] += q * p[1]
+    p[1] *= 1.0 - q
+    total = float(p.sum())
+    if total <= 0.0:
+        return None
+    return float(np.dot(np.arange(len(DIGITS)), p / total))
+
+
+def simulation_scores_normalised(true_activations: list[list[float]], expected_values: list[list[float]],
+                                 max_act: float) -> dict[str, float | None]:
+    """rsquared_score and absolute_dev_explained_score with the true activations on the prompt's scale
+    (normalise_activations: 0-10 of the feature's max), so that they no longer depend on the feature's
+    scale and two features compare; keys carry the suffix `_normalised`. simulation_scores stays the
+    published formula on raw activations."""
+    norm = [[float(v) for v in normalise_activations(seq, max_act)] for seq in true_activations]
+    raw = simulation_scores(norm, expected_values)
+    return {f"{k}_normalised": raw[k] for k in ("rsquared_score", "absolute_dev_explained_score")}
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     if x.size < 2:
         return None

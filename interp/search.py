@@ -134,10 +134,10 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
             warn(str(e))
     if semantic:
         from interp.label_index import SemanticUnavailable
-        from interp.settings import get_search_settings
+        from interp.settings import get_settings
 
         try:
-            arms.append(semantic_arm(conn, query, flt, index_dir or get_search_settings().search_index_dir,
+            arms.append(semantic_arm(conn, query, flt, index_dir or get_settings().search_index_dir,
                                      warn=warn))
         except SemanticUnavailable as e:
             warn(f"semantic search is off: {e}; using full text and trigram only")

@@ -38,20 +38,28 @@ class Settings(BaseSettings):
     # must exceed the longest retry countdown, or Redis delivers a waiting task twice; leases cover a lost one
     job_visibility_timeout_s: int = 7200
 
+    # label search: where the usearch nearest-neighbour file of each catalog lives (derived data, rebuilt from
+    # Postgres at any time)
+    search_index_dir: str = "~/.cache/interp/search"
+
+    # harvest shards as Celery tasks: `interp worker --queues harvest` consumes the queue; shard tasks leave their
+    # partial states (a folder per job) under a root every harvest worker reaches, e.g. a shared mount
+    harvest_queue: str = "harvest"
+    harvest_state_root: str = "runs/harvest-states"
+
+    # `interp serve`: bearer tokens (an empty one counts as unset: writes disabled, never open) and the pool
+    interp_api_token: SecretStr | None = None          # writes (POST /jobs, cancel)
+    interp_api_read_token: SecretStr | None = None     # when set, reads need it too (or the write token)
+    api_pool_min: int = 1
+    api_pool_max: int = 8
+
+    def write_token(self) -> str | None:
+        return (self.interp_api_token.get_secret_value() if self.interp_api_token else "") or None
+
+    def read_token(self) -> str | None:
+        return (self.interp_api_read_token.get_secret_value() if self.interp_api_read_token else "") or None
+
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
-
-
-class SearchSettings(BaseSettings):
-    """Label search (issue 10). Kept apart from Settings so its fields are only appended."""
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    # where the usearch nearest-neighbour file of each catalog lives (derived data: rebuilt from Postgres)
-    search_index_dir: str = "~/.cache/interp/search"
-
-
-@lru_cache
-def get_search_settings() -> SearchSettings:
-    return SearchSettings()

@@ -1,5 +1,6 @@
 """The OpenAI all-at-once simulator: one call per sequence; the simulator writes `token<TAB>N` per token and
-each N's expected value is read from its top_logprobs ("0".."10", renormalised). Endpoints without logprobs
+each N's expected value is read from its top_logprobs ("0".."10", renormalised; a 10 that the tokenizer
+splits into "1","0" is read jointly). Endpoints without logprobs
 get a JSON-mode simulation instead, and the method used is recorded."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from . import prompts
 from .llm import Completion, LLMClient, LLMError
 from .records import Usage
-from .scoring import expected_value
+from .scoring import expected_value_split
 
 _VALUE_TAB = re.compile(r"\t\s*(\d{1,2})\b")
 _JSON_OBJ = re.compile(r"\{.*\}", re.S)
@@ -23,12 +24,33 @@ class Simulation:
     method: str                     # logprobs | json
     usage: Usage = field(default_factory=Usage)
     missing: int = 0                # tokens the simulator gave no value for (scored as 0)
+    sampled: int = 0                # tokens valued by the written integer: no value in their top_logprobs
     failure: str | None = None
 
 
-def values_from_logprobs(c: Completion, lines: list[str]) -> tuple[list[float], int]:
+@dataclass
+class Parsed:
+    """Values read from one answer: `missing` tokens got no value (scored as 0); `sampled` got the integer
+    the simulator wrote because its top_logprobs held no value at all (neuron-explainer scores those 0; we
+    keep the written integer, the model's own answer, and count it so a score can say how much rests on it)."""
+    values: list[float]
+    missing: int = 0
+    sampled: int = 0
+
+
+def _p_zero_after_one(c: Completion, i: int) -> float:
+    """q = P("0" | the value started with "1"), from the position after i: observable only when the token
+    at i was the lone digit "1" (the next position's logprobs are conditioned on the token actually taken)."""
+    if c.logprobs[i].token.strip() != "1" or i + 1 >= len(c.logprobs):
+        return 0.0
+    lp = c.logprobs[i + 1].top.get("0")
+    return math.exp(lp) if lp is not None else 0.0
+
+
+def values_from_logprobs(c: Completion, lines: list[str]) -> Parsed:
     """Each answer line `token<TAB>N` gives its token's value, as the expected value over the top_logprobs of
-    the token where N starts. Lines are matched to the prompt's token lines by name, in order (a line that
+    the token where N starts, with 10 read jointly over "1","0" where the tokenizer splits it
+    (expected_value_split). Lines are matched to the prompt's token lines by name, in order (a line that
     names no upcoming token is skipped), so a simulator that drops or invents lines cannot shift values
     onto the wrong tokens. Unmatched tokens get 0 and are counted as missing."""
     text, starts = "", []
@@ -37,6 +59,7 @@ def values_from_logprobs(c: Completion, lines: list[str]) -> tuple[list[float], 
         text += t.token
     n = len(lines)
     out: list[float | None] = [None] * n
+    sampled = 0
     cursor, pos = 0, 0
     for line in text.split("\n"):
         m = _VALUE_TAB.search(line)
@@ -46,11 +69,15 @@ def values_from_logprobs(c: Completion, lines: list[str]) -> tuple[list[float], 
             if j is not None:
                 at = pos + m.start(1)
                 i = max(k for k, s in enumerate(starts) if s <= at)
-                ev = expected_value(c.logprobs[i].top) if c.logprobs[i].token.strip()[:1] == text[at] else None
+                ev = None
+                if c.logprobs[i].token.strip()[:1] == text[at]:
+                    ev = expected_value_split(c.logprobs[i].top, _p_zero_after_one(c, i))
+                if ev is None:
+                    sampled += 1
                 out[j] = ev if ev is not None else float(min(10, int(m.group(1))))
                 cursor = j + 1
         pos += len(line) + 1
-    return [0.0 if v is None else v for v in out], sum(v is None for v in out)
+    return Parsed([0.0 if v is None else v for v in out], sum(v is None for v in out), sampled)
 
 
 def _gbnf_literal(text: str) -> str:
@@ -72,16 +99,22 @@ def answer_grammar(lines: list[str]) -> str:
     return f'root ::= {body}\nv ::= "10" | [0-9]\n'
 
 
-def values_from_json(text: str, n: int) -> tuple[list[float], int]:
+def values_from_json(text: str, n: int) -> Parsed:
+    """The JSON-mode answer: each entry in its own token's place; a non-numeric entry is a missing value
+    there (0), never a reason to shift the later values left."""
     m = _JSON_OBJ.search(text or "")
     if not m:
         raise ValueError("no JSON object in the answer")
     vals = json.loads(m.group(0)).get("activations")
     if not isinstance(vals, list):
         raise ValueError('no "activations" list in the JSON answer')
-    out = [float(min(10, max(0, v))) for v in vals[:n] if isinstance(v, (int, float)) and math.isfinite(v)]
-    missing = n - len(out)
-    return out + [0.0] * missing, missing
+    out = [float(min(10, max(0, v))) if _is_number(v) else None for v in vals[:n]]
+    out += [None] * (n - len(out))
+    return Parsed([0.0 if v is None else v for v in out], sum(v is None for v in out))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -107,8 +140,8 @@ class Simulator:
                 return Simulation([0.0] * n, "logprobs", usage, n, failure=f"error: {e}")
             usage.add(c.usage)
             if c.logprobs is not None:
-                vals, missing = values_from_logprobs(c, lines.split("\n"))
-                return Simulation(vals, "logprobs", usage, missing)
+                p = values_from_logprobs(c, lines.split("\n"))
+                return Simulation(p.values, "logprobs", usage, p.missing, p.sampled)
             if c.text.strip():
                 self.use_logprobs = False
         msgs = prompts.load(self.json_version).messages(label=prompts.escape(label), n=n,
@@ -116,8 +149,8 @@ class Simulator:
         try:
             c = await self.client.chat(msgs, max_tokens=3 * n + 24, json_mode=True)
             usage.add(c.usage)
-            vals, missing = values_from_json(c.text, n)
-            return Simulation(vals, "json", usage, missing)
+            p = values_from_json(c.text, n)
+            return Simulation(p.values, "json", usage, p.missing)
         except LLMError as e:
             return Simulation([0.0] * n, "json", usage, n, failure=f"error: {e}")
         except (ValueError, AttributeError) as e:

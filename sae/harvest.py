@@ -19,9 +19,17 @@ contexts' maxima). A uniform sample of a feature's tokens restricted to a bin is
 so a bin with >= 5 sampled tokens gets exactly the 5 smallest-hash tokens of the whole bin; bins above
 the k-th top value are known completely from the top set; only a sparse bin in between can fall short.
 
-Split, disjoint by construction (per feature, by context): top ranks 0,2,4.. and quantile samples ->
-explain; top ranks 1,3,5.. and random non-firing contexts -> score; quantile samples whose context is a
-score context are dropped.
+Split, disjoint by construction (per feature, by context): top ranks 0,2,4.., quantile samples and random
+ranks 1,3,5.. -> explain; top ranks 1,3,5.. and random ranks 0,2,4.. -> score; quantile samples whose context
+is a score context are dropped (random ranks start with score: see _random_examples). Both splits get random
+non-firing contexts: the explainer's reference for what
+a feature does not fire on, the scorers' negatives.
+
+Disjoint by text too: corpora repeat passages, so at the end the contexts that examples would come from (the
+referenced ones) are grouped by their tokens and only the smallest context id of each group is used; the
+others are dropped from every example kind and counted (`duplicates_dropped`). The referenced set and the
+tokens are the same whichever shard saw what, so the rule merges exactly. Statistics (counts, sums,
+histograms) still count every token: they describe the corpus as it is.
 """
 from __future__ import annotations
 
@@ -254,6 +262,7 @@ class HarvestState:
         self.pool: dict[int, tuple[int, torch.Tensor]] = {}   # ctx -> (hash, firing features)
         self.contexts: dict[int, torch.Tensor] = {}           # ctx -> token ids, pruned to the referenced
         self._prune_at = 4096
+        self.duplicates_dropped = 0                           # set by result_chunks
 
     # ---------------------------------------------------------------- streaming
     @torch.no_grad()
@@ -364,6 +373,17 @@ class HarvestState:
                 ref.update(torch.unique(k[k >= 0] // self.L).tolist())
         return ref
 
+    def duplicate_contexts(self) -> set[int]:
+        """Referenced contexts whose tokens repeat those of a smaller referenced context id: examples never
+        come from them, so no text can be both in a feature's explain and its score split."""
+        first: dict[bytes, int] = {}
+        dups = set()
+        for c in sorted(self.referenced()):
+            k = self.contexts[c].numpy().tobytes()
+            if first.setdefault(k, c) != c:
+                dups.add(c)
+        return dups
+
     def _prune(self) -> None:
         ref = self.referenced()
         self.contexts = {c: t for c, t in self.contexts.items() if c in ref}
@@ -417,15 +437,20 @@ class HarvestState:
             raise InputError("the harvest saw no tokens; give a larger --tokens or a non-empty corpus")
         self.top.flush()
         self.res.flush()
-        return (self._finalise(lo, min(lo + chunk, self.n), logits) for lo in range(0, self.n, chunk))
+        dups = self.duplicate_contexts()
+        self.duplicates_dropped = len(dups)
+        dup = torch.tensor(sorted(dups), dtype=torch.long, device=self.device)
+        return (self._finalise(lo, min(lo + chunk, self.n), logits, dup) for lo in range(0, self.n, chunk))
 
     @torch.no_grad()
-    def _finalise(self, lo: int, hi: int, logits: "LogitTokens | None") -> "HarvestResult":
-        """Features [lo, hi)."""
+    def _finalise(self, lo: int, hi: int, logits: "LogitTokens | None", dup: torch.Tensor) -> "HarvestResult":
+        """Features [lo, hi); `dup`: the duplicate contexts no example may come from."""
         n_fired = self.n_fired[lo:hi].cpu()
         max_act = self.top.val[lo:hi, 0].cpu()
         mean = (self.sumq[lo:hi].double() / SUM_SCALE / self.n_fired[lo:hi].clamp_min(1)).float().cpu()
-        parts = [self._top_examples(lo, hi), self._quantile_examples(lo, hi), self._random_examples(lo, hi)]
+        top = self._top_rows(lo, hi, dup)
+        parts = [self._top_examples(lo, top), self._quantile_examples(lo, hi, top, dup),
+                 self._random_examples(lo, hi, dup)]
         ex = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         del parts
         order = np.lexsort((ex["rank"], ex["split"], ex["kind"], ex["feature"]))
@@ -451,27 +476,40 @@ class HarvestState:
                     max_pos=(pos - start).cpu().numpy().astype(np.int16), qbin=qbin.cpu().numpy().astype(np.int16),
                     scale=scale.cpu().numpy().astype(np.float32), acts=win.cpu().numpy())
 
-    def _top_examples(self, lo, hi):
+    def _top_rows(self, lo, hi, dup) -> "_TopRows":
+        """The top bank's rows [lo, hi) without entries from duplicate contexts, the rest moved left in order
+        (so ranks, and with them the explain/score alternation, stay dense)."""
         t = self.top
-        f, r = (t.key[lo:hi] >= 0).nonzero(as_tuple=True)
-        f += lo
-        return self._rows(f, t.key[f, r], 0, r % 2, r, torch.full_like(r, -1), t.win[f, r], t.scale[f, r])
+        key, val, scale, win = t.key[lo:hi], t.val[lo:hi], t.scale[lo:hi], t.win[lo:hi]
+        drop = (key >= 0) & torch.isin(key // self.L, dup)
+        if not bool(drop.any()):
+            return _TopRows(key, val, scale, win)
+        order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
+        kept = ~drop.gather(1, order)
+        return _TopRows(torch.where(kept, key.gather(1, order), -1), torch.where(kept, val.gather(1, order), 0.0),
+                        torch.where(kept, scale.gather(1, order), 0.0),
+                        win.gather(1, order[:, :, None].expand_as(win)) * kept[:, :, None])
 
-    def _quantile_examples(self, f_lo, f_hi):
+    def _top_examples(self, lo, top: "_TopRows"):
+        f, r = (top.key >= 0).nonzero(as_tuple=True)
+        return self._rows(f + lo, top.key[f, r], 0, r % 2, r, torch.full_like(r, -1), top.win[f, r], top.scale[f, r])
+
+    def _quantile_examples(self, f_lo, f_hi, top: "_TopRows", dup):
         cfg, L = self.cfg, self.L
         out = []
         for lo in range(f_lo, f_hi, FEATURE_CHUNK):
             rows = slice(lo, min(lo + FEATURE_CHUNK, f_hi))
+            local = slice(rows.start - f_lo, rows.stop - f_lo)
             features = torch.arange(rows.start, rows.stop, device=self.device)
-            top_keys, res_keys = self.top.key[rows], self.res.key[rows]
+            top_keys, res_keys = top.key[local], self.res.key[rows]
             # the known tokens of each feature: its reservoir sample, then its top contexts' maxima
             key = torch.cat([res_keys, top_keys], 1)
-            val = torch.cat([self.res.val[rows], self.top.val[rows]], 1)
+            val = torch.cat([self.res.val[rows], top.val[local]], 1)
             hashes = keyhash(cfg.seed, features[:, None].expand_as(key), key.clamp_min(0))
-            valid = key >= 0
+            valid = (key >= 0) & ~torch.isin(key // L, dup)
             score_ctx = torch.where(top_keys[:, 1::2] >= 0, top_keys[:, 1::2] // L, -2)
             valid &= ~((key // L)[:, :, None] == score_ctx[:, None, :]).any(-1)
-            max_act = self.top.val[rows, :1].clamp_min(1e-30)
+            max_act = self.top.val[rows, :1].clamp_min(1e-30)     # the true max, duplicates or not
             qbin = torch.floor(val * cfg.n_bins / max_act).long().clamp(0, cfg.n_bins - 1)
             # sorting by (bin, hash) at once: bin in the high bits, the 32-bit hash below
             bin_hash = torch.where(valid, (qbin << 33) + hashes, torch.full_like(hashes, 1 << 62))
@@ -494,17 +532,21 @@ class HarvestState:
             res_cap = self.res.cap
             from_res = slot < res_cap
             res_slot, top_slot = slot.clamp(max=res_cap - 1), (slot - res_cap).clamp(min=0)
-            win = torch.where(from_res[:, None], self.res.win[rows][row, res_slot], self.top.win[rows][row, top_slot])
-            scale = torch.where(from_res, self.res.scale[rows][row, res_slot], self.top.scale[rows][row, top_slot])
+            win = torch.where(from_res[:, None], self.res.win[rows][row, res_slot], top.win[local][row, top_slot])
+            scale = torch.where(from_res, self.res.scale[rows][row, res_slot], top.scale[local][row, top_slot])
             bins = sorted_bins[row, col]
             out.append(self._rows(features[row], sorted_keys[row, col], 1, torch.zeros_like(row),
                                   bins * cfg.per_bin + rank[row, col], bins, win, scale))
         return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
-    def _random_examples(self, f_lo, f_hi):
+    def _random_examples(self, f_lo, f_hi, dup):
+        """Per split up to cfg.n_random non-firing pool contexts: the 2·n_random smallest by a per-feature
+        hash, alternating score, explain, score, ... (a feature that fires almost everywhere has few: the
+        scorers' negatives come first)."""
         cfg, L, w = self.cfg, self.L, self.width
-        pool = sorted(self.pool, key=lambda c: (self.pool[c][0], c))
-        n_pick = min(cfg.n_random, len(pool))
+        dups = set(dup.tolist())
+        pool = sorted((c for c in self.pool if c not in dups), key=lambda c: (self.pool[c][0], c))
+        n_pick = min(2 * cfg.n_random, len(pool))
         pctx = torch.tensor(pool, dtype=torch.long, device=self.device)
         out = []
         for lo in range(f_lo, f_hi, 65536):
@@ -521,9 +563,18 @@ class HarvestState:
             fi, r = (hs < EMPTY_HASH).nonzero(as_tuple=True)
             ctx = pctx[j[fi, r]]
             pos = w // 2 + keyhash(cfg.seed + 3, f0[fi], ctx) % (L - w + 1)   # a random window, no max
-            out.append(self._rows(f0[fi], ctx * L + pos, 2, torch.ones_like(fi), r, torch.full_like(r, -1),
+            out.append(self._rows(f0[fi], ctx * L + pos, 2, 1 - r % 2, r, torch.full_like(r, -1),
                                   torch.zeros((fi.numel(), w), dtype=torch.uint8), torch.zeros(fi.numel())))
         return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+@dataclass
+class _TopRows:
+    """Some feature rows of the top bank, as the result reads them."""
+    key: torch.Tensor
+    val: torch.Tensor
+    scale: torch.Tensor
+    win: torch.Tensor
 
 
 @dataclass

@@ -1,18 +1,34 @@
 """Planted features: rules ("fires on digits", "fires on the token def", ...) applied to the builtin corpus,
-harvested into FeatureExamples the way the real harvest does (top, quantile bins, random; disjoint explain
-and score splits), each with a correct label. Used by the planted-feature tests and bench/label_quality.py."""
+each with a correct label. Their records are made by the production path, not by hand: the activations go
+through `HarvestState` (top-k, quantile bins, random negatives, duplicate contexts dropped, the explain/score
+split), the result is written into the catalog by `write_harvest`, and `load_feature_examples` reads each
+feature back, tokens decoded through the stored vocabulary. Used by the planted-feature tests and
+bench/label_quality.py."""
 from __future__ import annotations
 
-import random
 import re
+import uuid
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
+import psycopg
+import torch
+
+from interp.store.features import load_feature_examples
+from interp.store.harvest import write_harvest
+from interp.store.saes import SAEMeta
+from interp.store.vocab import store_vocab, vocab_key
+from sae.configs import HarvestConfig
 from sae.corpus import iter_texts
-from sae.records import Example, FeatureExamples
+from sae.harvest import HarvestState
+from sae.records import FeatureExamples
 
 _TOKEN = re.compile(r"\n|[ ]?[A-Za-z_]+|[ ]?\d|[ ]?[^\w\s]|[ \t]+")
+# smaller than the defaults, so that a few thousand contexts fill every bin; the shape is the harvest's own
+CFG = HarvestConfig(top_k=20, window=24, ctx_len=48, n_bins=4, per_bin=4, n_random=10, pool=128)
+BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -35,24 +51,28 @@ RULES = [
 ]
 
 
+@dataclass
+class Planted:
+    """The planted SAE in the catalog: its name, its rules and features in the same order, and the harvest's
+    count of duplicate contexts it dropped."""
+    name: str
+    rules: list[Rule]
+    features: list[FeatureExamples]
+    duplicates_dropped: int
+
+
 def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def contexts(n: int = 3000, ctx_len: int = 32, seed: int = 0) -> list[list[str]]:
+def contexts(n: int, ctx_len: int = CFG.ctx_len, seed: int = 0) -> list[list[str]]:
+    """n consecutive contexts of the builtin corpus, repeats and all (the harvest drops those)."""
     stream: list[str] = []
     for text in iter_texts("builtin", seed=seed):
         stream.extend(tokenize(text))
-        if len(stream) >= 2 * n * ctx_len:
+        if len(stream) >= n * ctx_len:
             break
-    # duplicates (licence headers) would put one snippet in both splits
-    seen, out = set(), []
-    for i in range(0, len(stream) - ctx_len + 1, ctx_len):
-        c = stream[i:i + ctx_len]
-        if tuple(c) not in seen:
-            seen.add(tuple(c))
-            out.append(c)
-    return out[:n]
+    return [stream[i:i + ctx_len] for i in range(0, n * ctx_len - ctx_len + 1, ctx_len)]
 
 
 def _strength(token: str, i: int) -> float:
@@ -60,36 +80,54 @@ def _strength(token: str, i: int) -> float:
     return 0.5 + (zlib.crc32(f"{token}{i}".encode()) % 1000) / 1000
 
 
-def plant(rule: Rule, ctxs: list[list[str]], index: int, n_top: int = 20, n_bins: int = 4, per_bin: int = 4,
-          n_random: int = 20, seed: int = 0) -> FeatureExamples:
-    def example(ci, kind, split, qbin=None):
-        toks = ctxs[ci]
-        acts = [_strength(t, j) if rule.fires(t, toks[j - 1] if j else "\n") else 0.0 for j, t in enumerate(toks)]
-        return Example(token_ids=[zlib.crc32(t.encode()) for t in toks], acts=acts, kind=kind, split=split,
-                       quantile_bin=qbin, tokens=list(toks))
-
-    rng = random.Random(seed * 7919 + index)
-    maxes = [(max((_strength(t, j) for j, t in enumerate(c) if rule.fires(t, c[j - 1] if j else "\n")), default=0.0), ci)
-             for ci, c in enumerate(ctxs)]
-    active = [ci for m, ci in sorted(maxes, reverse=True) if m > 0]
-    exs = []
-    for r, ci in enumerate(active[:n_top]):
-        exs.append(example(ci, "top", "explain" if r % 2 == 0 else "score"))
-    rest = active[n_top:]
-    for b in range(n_bins):
-        chunk = rest[b * len(rest) // n_bins:(b + 1) * len(rest) // n_bins]
-        for r, ci in enumerate(rng.sample(chunk, min(per_bin, len(chunk)))):
-            exs.append(example(ci, "quantile", "explain" if r % 2 == 0 else "score", n_bins - 1 - b))
-    pool = sorted(set(range(len(ctxs))) - set(active))
-    for r, ci in enumerate(rng.sample(pool, n_random)):
-        exs.append(example(ci, "random", "explain" if r % 2 == 0 else "score"))
-    return FeatureExamples(sae="planted", index=index, examples=exs, max_act=max(e.max_act for e in exs),
-                           density=len(active) / len(ctxs))
+def harvest_state(ctxs: list[list[str]], vocab: dict[str, int], rules: list[Rule]) -> HarvestState:
+    """The rules' activations streamed through the real harvest state, a batch of contexts at a time, as a
+    dense code over the planted features (every feature's slot present, zero where it does not fire)."""
+    n_f, L = len(rules), len(ctxs[0])
+    state = HarvestState(n_f, L, CFG)
+    for b0 in range(0, len(ctxs), BATCH):
+        batch = ctxs[b0:b0 + BATCH]
+        ids = torch.tensor([[vocab[t] for t in c] for c in batch], dtype=torch.long)
+        vals = torch.tensor([[_strength(t, j) if r.fires(t, c[j - 1] if j else "\n") else 0.0 for r in rules]
+                             for c in batch for j, t in enumerate(c)])
+        idx = torch.arange(n_f).expand(vals.shape[0], n_f)
+        state.update(torch.arange(b0, b0 + len(batch)), ids, vals, idx)
+    return state
 
 
-def planted_features(n_contexts: int = 3000) -> list[tuple[Rule, FeatureExamples]]:
+def _harvest(n_contexts: int, rules: list[Rule]) -> tuple[list[str], HarvestState]:
     ctxs = contexts(n_contexts)
-    return [(rule, plant(rule, ctxs, i)) for i, rule in enumerate(RULES)]
+    names = sorted({t for c in ctxs for t in c})
+    return names, harvest_state(ctxs, {t: i for i, t in enumerate(names)}, rules)
+
+
+@contextmanager
+def planted_catalog(conn: psycopg.Connection, n_contexts: int = 2000,
+                    rules: list[Rule] = RULES) -> Iterator[Planted]:
+    """Harvests the planted features into the catalog under a fresh name, reads them back, and deletes the
+    SAE (and so its rows) afterwards."""
+    names, state = _harvest(n_contexts, rules)
+    result = state.result()
+    key = vocab_key("planted", names)
+    store_vocab(conn, key, names)
+    name = f"planted_{uuid.uuid4().hex[:10]}"
+    meta = SAEMeta(model="planted", layer=0, site="resid", d_in=len(rules), n_features=len(rules), arch="topk", k=1)
+    write_harvest(conn, name, meta, result, tokenizer=key, harvest_info={"corpus": "builtin", "planted": True})
+    try:
+        features = [load_feature_examples(conn, name, i) for i in range(len(rules))]
+        yield Planted(name, list(rules), features, state.duplicates_dropped)
+    finally:
+        conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+def planted_features(n_contexts: int = 2000, rules: list[Rule] = RULES) -> list[tuple[Rule, FeatureExamples]]:
+    """The same records without a database: the harvest's result read directly (`HarvestResult.
+    feature_examples`, tokens decoded through the same vocabulary), for tests that need no catalog. The
+    planted-feature tests check that they equal what the catalog gives back."""
+    names, state = _harvest(n_contexts, rules)
+    res = state.result()
+    return [(rule, res.feature_examples(i, sae="planted", decode=lambda ids: [names[t] for t in ids]))
+            for i, rule in enumerate(rules)]
 
 
 def shuffled_labels(rules: list[Rule]) -> list[str]:

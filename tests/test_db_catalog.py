@@ -84,6 +84,9 @@ def _write(conn, name, sae, hm, res, replace=False):
 def test_written_features_read_back_as_harvested(conn, names, harvested):
     sae, hm, res = harvested
     name = names()
+    from interp.harvest_job import tokenizer_vocab
+
+    vocab = tokenizer_vocab(hm.tokenizer)
     out = _write(conn, name, sae, hm, res)
     assert out["features"] == 128 and out["examples"] == len(res.examples)
     for i in range(0, 128, 9):
@@ -94,8 +97,7 @@ def test_written_features_read_back_as_harvested(conn, names, harvested):
                [(e.kind, e.split, e.quantile_bin, e.token_ids) for e in want.examples]
         for g, w in zip(got.examples, want.examples):
             np.testing.assert_allclose(g.acts, w.acts, rtol=1e-5, atol=1e-6)
-            assert g.tokens == hm.tokenizer.convert_ids_to_tokens(g.token_ids) or \
-                   len(g.tokens) == len(g.token_ids)
+            assert g.tokens == [vocab[t] for t in g.token_ids]     # each id decoded on its own, as stored
         explain = {tuple(e.token_ids) for e in got.split("explain")}
         assert not explain & {tuple(e.token_ids) for e in got.split("score")}
     # the vocabulary decodes snippets without a model: the word pieces rebuild the text
@@ -182,14 +184,23 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(conn, names, sae_dir, tmp_
 
 
 def test_cli_shards_merge_to_the_unsharded_catalog(conn, names, sae_dir, tmp_path, cli):
+    import json
+
     whole, sharded = names(), names()
-    assert cli(*harvest_args(sae_dir, whole, tokens=1536)).returncode == 0
+    r = cli(*harvest_args(sae_dir, whole, "--json", tokens=1536))
+    assert r.returncode == 0, r.stderr
+    want = json.loads(r.stdout)
+    summaries = {}
     for i in (1, 0):
         r = cli(*harvest_args(sae_dir, sharded, "--shard", f"{i}/2", "--state-dir", str(tmp_path / "st"), "--json",
                               tokens=1536))
         assert r.returncode == 0, r.stderr
+        summaries[i] = json.loads(r.stdout)
         if i == 1:  # the first shard to finish waits for the other and writes nothing
             assert conn.execute("SELECT count(*) FROM saes WHERE name = %s", (sharded,)).fetchone()[0] == 0
+    assert summaries[1]["waiting_for"] == [0] and summaries[1]["examples"] == 0 and summaries[1]["shard"] == "1/2"
+    assert "waiting_for" not in summaries[0] and summaries[0]["examples"] == want["examples"] > 0
+    assert summaries[0]["duplicates_dropped"] == want["duplicates_dropped"]
     a, b = catalog_rows(conn, whole), catalog_rows(conn, sharded)
     assert a[0] == b[0] and a[1] == b[1]
 
@@ -199,17 +210,25 @@ def _waiting_on_lock(conn) -> bool:
                         " AND query LIKE 'SELECT pg_advisory_xact_lock(hashtext%%'").fetchone()[0] > 0
 
 
-def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names, sae_dir, cli):
+def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names, sae_dir, cli, tmp_path):
     name = names()
     assert cli(*harvest_args(sae_dir, name)).returncode == 0
     before = catalog_rows(conn, name)
-    # 1) killed while harvesting
-    p = subprocess.Popen([sys.executable, "-m", "interp.cli", "harvest", "--sae", sae_dir, "--name", name,
-                          "--tokens", "200000", "--ctx-len", "32", "--replace"], env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(8)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # 1) killed while harvesting: its progress bar (shown as on a terminal) says batches are going through
+    log = tmp_path / "harvest.err"
+    as_on_a_terminal = ("import sys; sys.stderr.isatty = lambda: True; from interp.cli import main; "
+                        "sys.argv[0] = 'interp'; main()")
+    with open(log, "wb") as err:
+        p = subprocess.Popen([sys.executable, "-c", as_on_a_terminal, "harvest", "--sae", sae_dir, "--name", name,
+                              "--tokens", "200000", "--ctx-len", "32", "--replace"], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while "alive=" not in log.read_text(errors="replace"):
+            assert p.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-500:]
+            time.sleep(0.2)
+        assert p.poll() is None, "the harvest ended before it could be killed mid-way"
+        p.send_signal(signal.SIGKILL)
+        assert p.wait() == -signal.SIGKILL
     assert catalog_rows(conn, name) == before
     # 2) killed after staging, at the swap: hold the SAE's lock so the swap waits, then kill it there
     with psycopg.connect(URL, autocommit=True) as holder:
@@ -223,7 +242,7 @@ def test_killed_harvest_leaves_the_previous_state_and_a_rerun_works(conn, names,
             assert p.poll() is None and time.time() < deadline, "the harvest never reached the swap"
             time.sleep(0.2)
         p.send_signal(signal.SIGKILL)
-        p.wait()
+        assert p.wait() == -signal.SIGKILL
         holder.execute("SELECT pg_advisory_unlock(hashtext(%s))", ("sae:" + name,))
     time.sleep(0.5)
     assert catalog_rows(conn, name) == before

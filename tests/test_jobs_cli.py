@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from interp.labelling import LabelRequest, broker_app, failure_reason, queue_job, run_chunk
+from interp.labelling import LabelRequest, broker_app, explainer_version, failure_reason, queue_job, run_chunk
 from interp.settings import get_settings
 from interp.store import jobs
 from tests.helpers import URL
@@ -83,6 +83,8 @@ BAD = [
      "unknown LLM spec 'nope:x'"),
     (["--features", "0:5", "--scorer", "embedding,vibes"], {}, "unknown scorer 'vibes'"),
     (["--features", "0:5", "--scorer", "detection"], {}, "need an LLM simulator"),
+    (["--features", "0:5", "--window", "0"], {}, "--window must be a positive number"),
+    (["--features", "0:5", "--budget-tokens", "-3"], {}, "--budget-tokens must be a positive number"),
     (["--features", "0:5", "--explainer", "openai:m", "--check-endpoint"],
      {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
      "cannot reach the LLM endpoint of openai:m at http://127.0.0.1:9/v1"),
@@ -216,7 +218,8 @@ def test_scores_of_a_new_label_are_not_filed_under_a_different_kept_label(conn, 
     try:
         sid = conn.execute("SELECT id FROM saes WHERE name = %s", (name,)).fetchone()[0]
         eid = upsert_explanation(conn, sid, Explanation(sae=name, index=0, label="an older label",
-                                                        explainer="openai:stub", prompt_version="explain-v1"))
+                                                        explainer="openai:stub",
+                                                        prompt_version=explainer_version("openai:stub")))
         upsert_score(conn, eid, Score(sae=name, index=0, scorer="detection", simulator="openai:stub",
                                       prompt_version="detection-v1", label="an older label", method="json",
                                       value=None, failure="2/2 batches failed: error: HTTP 500"))
@@ -247,3 +250,18 @@ def test_the_offline_path_baseline_labels_and_embedding_scores(conn, env):
         assert {r[1:4] for r in rows} == {(True, "embedding", "minilm")} and all(0 <= r[4] <= 1 for r in rows)
     finally:
         conn.execute("DELETE FROM saes WHERE name = %s", (name,))
+
+
+def test_the_window_bounds_the_chunks_in_flight(conn, sae, env):
+    job = queue_job(conn, LabelRequest(sae=sae, features="0:30", explainer="openai:windowed", simulator="openai:stub",
+                                       scorers=("detection",), window=2), broker_app())
+
+    def in_flight():
+        return conn.execute("SELECT count(DISTINCT chunk) FROM job_items WHERE job_id = %s AND lease_until IS NOT NULL",
+                            (job.job_id,)).fetchone()[0]
+
+    assert in_flight() == 2                             # of 3 chunks of 10
+    assert jobs.top_up(conn, job.job_id, 60) == []      # full: nothing more is sent
+    sent = []
+    run_chunk(job.job_id, 0, 9, sent.extend)
+    assert [(c.first, c.last) for c in sent] == [(20, 29)] and in_flight() == 2

@@ -69,7 +69,9 @@ def test_hf_client_runs_the_simulation_scorer(tiny_lm):
     s = asyncio.run(simulation(FeatureExamples(sae="t", index=0, examples=exs), "letters",
                                Simulator(make_client(f"hf:{tiny_lm}")), ScoreConfig(n_active=1, n_random=1)))
     assert s.method == "logprobs" and s.simulator.startswith("hf:") and s.usage.calls == 2
-    assert len(s.breakdown) == 2 and all(b.missing <= 3 for b in s.breakdown)
+    # a random model writes no `token<TAB>N` line for our tokens: every token is missing, scored 0, and counted
+    assert [b.missing for b in s.breakdown] == [3, 3] and s.values["missing_tokens"] == 6
+    assert all(b.predicted == [0.0, 0.0, 0.0] for b in s.breakdown) and s.value is None
 
 
 def test_hf_bad_path_is_one_clear_error(tmp_path):

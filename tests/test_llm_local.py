@@ -18,7 +18,7 @@ from interp.scorers import ScoreConfig, simulation  # noqa: E402
 from interp.scoring import simulation_scores  # noqa: E402
 from interp.settings import get_settings  # noqa: E402
 from interp.simulator import Simulator  # noqa: E402
-from tests.planted import planted_features  # noqa: E402
+from tests.planted import planted_catalog  # noqa: E402
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -29,10 +29,19 @@ def local_llm():
         yield srv
 
 
-def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch):
+def test_the_label_grammar_is_valid_gbnf():
+    from llama_cpp import LlamaGrammar
+
+    from interp.prompts import LABEL_GRAMMAR
+
+    assert LlamaGrammar.from_string(LABEL_GRAMMAR, verbose=False) is not None
+
+
+def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch, conn):
     monkeypatch.setenv("LOCAL_LLM_PORT", str(local_llm.port))
     get_settings.cache_clear()
-    fe = next(fe for rule, fe in planted_features(n_contexts=1500) if rule.name == "def")
+    with planted_catalog(conn, n_contexts=1500) as planted:
+        fe = planted.features[[r.name for r in planted.rules].index("def")]
 
     async def round_trip():
         client = make_client("openai:local")            # the spec users give, pointed at this server
@@ -49,8 +58,10 @@ def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch):
     finally:
         get_settings.cache_clear()
     assert ex.ok, ex.failure
-    assert ex.explainer == "openai:local" and ex.prompt_version == "explain-v1" and not ex.is_baseline
+    assert ex.explainer == "openai:local" and ex.prompt_version == "explain-v2" and not ex.is_baseline
     assert 0 < len(ex.label) <= 200 and not any(unicodedata.category(c)[0] == "C" for c in ex.label)
+    # the label grammar held: one line of at most 12 words
+    assert len(ex.label.split()) <= 12
     assert ex.usage.prompt_tokens > 50 and ex.usage.completion_tokens > 0
     # the simulation read real top_logprobs: method recorded, expected values in range, score recomputable
     assert score.method == "logprobs" and score.simulator == "openai:local"
@@ -60,7 +71,9 @@ def test_explain_and_simulate_against_the_local_llm(local_llm, monkeypatch):
     # llama.cpp enforces the answer grammar, so every token gets a value read from its own top_logprobs
     assert all(b.missing == 0 for b in score.breakdown)
     assert any(v not in range(11) for p in preds for v in p), "expected values, not bare integers"
-    assert score.values == simulation_scores([b.true for b in score.breakdown], preds)
+    published = simulation_scores([b.true for b in score.breakdown], preds)
+    assert {k: score.values[k] for k in published} == published
+    assert score.values["missing_tokens"] == 0 and score.values["leaked_dropped"] == 0
     # the server really returns top_logprobs through the openai client
     assert raw.logprobs and all(len(t.top) >= 2 for t in raw.logprobs)
     assert client.usage.total == ex.usage.total + score.usage.total + raw.usage.total

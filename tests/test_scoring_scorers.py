@@ -146,10 +146,32 @@ def leaked_feature():
     return fe
 
 
-def test_held_out_guard_refuses_a_leaked_snippet():
+def test_a_leaked_snippet_is_dropped_and_counted_never_scored_nor_raised(stub):
     fe = leaked_feature()
-    with pytest.raises(InputError, match="1 score-set snippets also appear in the explain set"):
-        score_set(fe)
+    held = score_set(fe)
+    assert held.leaked == 1 and len(held.examples) == len(fe.split("score")) - 1
+    leaked_ids = tuple(fe.split("explain")[0].token_ids)
+    assert all(tuple(e.token_ids) != leaked_ids for e in held.examples)
+    scores = asyncio.run(run_scorers(fe, "the digit 7", ["simulation", "detection"], client(stub)))
+    assert [s.values["leaked_dropped"] for s in scores] == [1, 1] and all(s.failure is None for s in scores)
+    assert " we0" not in all_prompt_text(stub)                      # the leaked text reached no prompt
+    assert score_set(feature()).leaked == 0
+
+
+def test_normalised_simulation_scores_do_not_depend_on_the_feature_scale(stub):
+    small = feature()
+    big = feature()
+    for e in big.examples:
+        e.acts = [a * 1000 for a in e.acts]
+    big.max_act *= 1000
+    a = asyncio.run(simulation(small, "the digit 7", Simulator(client(stub))))
+    b = asyncio.run(simulation(big, "the digit 7", Simulator(client(stub))))
+    # the published raw-scale scores move with the scale; the stored normalised variants do not
+    assert a.values["rsquared_score"] != pytest.approx(b.values["rsquared_score"])
+    for k in ("rsquared_score_normalised", "absolute_dev_explained_score_normalised"):
+        assert a.values[k] is not None and a.values[k] == pytest.approx(b.values[k]), k
+    assert a.value == pytest.approx(b.value)                         # ev_correlation stays the headline
+    assert a.values["missing_tokens"] == 0 and a.values["sampled_tokens"] == 0
 
 
 def test_explainer_and_simulator_can_be_different_models(stub):
@@ -159,11 +181,11 @@ def test_explainer_and_simulator_can_be_different_models(stub):
         return ex, scores
 
     ex, scores = asyncio.run(both())
-    assert ex.label == "the digit 7" and ex.explainer == "openai:explainer-model" and ex.prompt_version == "explain-v1"
+    assert ex.label == "the digit 7" and ex.explainer == "openai:explainer-model" and ex.prompt_version == "explain-v2"
     assert {s.simulator for s in scores} == {"openai:sim-model"}
     models = [b["model"] for b in stub.requests]
     assert models[0] == "explainer-model" and set(models[1:]) == {"sim-model"}
-    explain_prompt = stub.requests[0]["messages"][1]["content"]
+    explain_prompt = stub.requests[0]["messages"][-1]["content"]
     assert "<< 7>>" in explain_prompt and " ws0" not in explain_prompt
 
 
@@ -210,21 +232,30 @@ def test_label_features_runs_a_chunk_concurrently_in_one_loop(monkeypatch):
     assert {b["model"] for b in stub.requests} == {"explainer", "sim"}
 
 
+def broken_feature():
+    """Its score split holds a record no scorer can render (tokens that are not strings): scoring raises."""
+    fe = feature()
+    fe.split("score")[0].tokens = [None] * 4
+    return fe
+
+
 def test_one_failing_feature_does_not_abort_the_chunk(stub):
     from interp.records import LabelResult
     from interp.scorers import label_features
 
     async def chunk():
         cl = client(stub)
-        return await label_features([feature(), leaked_feature(), feature()], "openai:sim-model", None,
-                                    ["detection"], clients={"openai:sim-model": cl}), cl
+        return await label_features([feature(), leaked_feature(), broken_feature(), feature()], "openai:sim-model",
+                                    None, ["detection"], clients={"openai:sim-model": cl}), cl
 
     out, cl = asyncio.run(chunk())
     assert all(isinstance(r, LabelResult) for r in out)
-    good, bad = [out[0], out[2]], out[1]
+    good, leaked, bad = [out[0], out[3]], out[1], out[2]
     assert all(r.explanation.failure is None and r.scores[0].value == 1.0 for r in good)
+    # a leak is no failure any more: the snippet is dropped and counted, the rest is scored
+    assert leaked.explanation.failure is None and leaked.scores[0].values["leaked_dropped"] == 1
     assert bad.explanation.label == "the digit 7" and bad.scores == []
-    assert bad.explanation.failure.startswith("error: scoring failed: feature t/5: 1 score-set snippets")
+    assert bad.explanation.failure.startswith("error: scoring failed: ")
     assert cl.usage.calls == len(stub.requests)        # a client passed in is used (and left to its owner)
 
 

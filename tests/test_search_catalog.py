@@ -175,10 +175,10 @@ def test_without_the_index_search_says_so_once_and_uses_the_text_arms(conn, sae,
 @pytest.fixture
 def cli(capsys, monkeypatch, tmp_path):
     from interp.cli import main
-    from interp.settings import get_search_settings
+    from interp.settings import get_settings
 
     monkeypatch.setenv("SEARCH_INDEX_DIR", str(tmp_path / "cli-index"))
-    get_search_settings.cache_clear()
+    get_settings.cache_clear()
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["interp", *args])
@@ -191,7 +191,7 @@ def cli(capsys, monkeypatch, tmp_path):
         return code, out.out, out.err
 
     yield run
-    get_search_settings.cache_clear()
+    get_settings.cache_clear()
 
 
 def test_cli_json_shape_and_table(conn, sae, cli):

@@ -14,6 +14,7 @@ BAD = f"postgresql://someone:{SECRET}@127.0.0.1:1/test"
 def test_redact_url_hides_only_the_password():
     assert redact_url(BAD) == "postgresql://someone:***@127.0.0.1:1/test"
     assert redact_url("postgresql://127.0.0.1:5432/test") == "postgresql://127.0.0.1:5432/test"
+    assert redact_url("redis://:hunter2pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
 
 
 @pytest.mark.parametrize("args", [("db", "migrate"), ("feature", "x", "0"), ("feature", "x", "0", "--json"),

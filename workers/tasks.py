@@ -1,6 +1,7 @@
 """The workers' tasks, thin: the job logic is interp.labelling's.
 
 - `label_chunk(job_id, first, last)`: label and score one chunk of a job's features, then send its next chunks.
+- `harvest_shard(job_id, shard)`: harvest one shard of a harvest job; the last one merges (interp.harvest_queue).
 - the sweeper: a thread in every live worker's main process that returns expired leases to the queue (see
   interp.labelling.sweep), so a job never waits on the broker to redeliver what a dead worker held.
 """
@@ -13,7 +14,7 @@ from functools import partial
 
 from celery.signals import worker_ready, worker_shutdown
 
-from interp import labelling
+from interp import harvest_queue, labelling
 from interp.settings import get_settings
 
 from .app import app
@@ -29,13 +30,20 @@ def label_chunk(job_id: int, first: int, last: int) -> None:
     log.info("job %d: chunk %d..%d stored %d features", job_id, first, last, n)
 
 
+@app.task(name=harvest_queue.TASK)
+def harvest_shard(job_id: int, shard: int) -> None:
+    state = harvest_queue.run_shard(job_id, shard)
+    log.info("harvest job %d: shard %d ran; the job is %s", job_id, shard, state or "not ours to run")
+
+
 def _sweep_forever() -> None:
     period = get_settings().job_sweep_s
     while not _stop.wait(period * random.uniform(0.8, 1.2)):  # jitter: the fleet's sweepers spread apart
         try:
             sent = labelling.sweep(partial(labelling.send_chunks, app))
-            if sent:
-                log.info("sweeper: sent %d chunks again", sent)
+            shards = harvest_queue.sweep(app)
+            if sent or shards:
+                log.info("sweeper: sent %d chunks and %d harvest shards again", sent, shards)
         except Exception:  # noqa: BLE001 - the sweeper must outlive a database or broker outage
             log.exception("sweeper pass failed; next in %.0fs", period)
 

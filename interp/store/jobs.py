@@ -49,6 +49,7 @@ class JobSummary(BaseModel):
     reason: str | None = None
     explainer: str | None = None
     scorers: list[str] = []
+    kind: str = "label"             # or harvest
 
 
 @dataclass
@@ -241,6 +242,7 @@ def expire_leases(conn: psycopg.Connection, lease_s: float, limit: int = 100_000
         "UPDATE job_items i SET state = 'queued', updated = now(), lease_until = CASE WHEN j.state IN"
         " ('queued', 'running') THEN now() + make_interval(secs => %s) END FROM jobs j"
         " WHERE j.id = i.job_id AND i.ctid = ANY(ARRAY(SELECT ctid FROM job_items WHERE lease_until < now()"
+        " AND job_id IN (SELECT id FROM jobs WHERE kind = 'label')"  # harvest shards: expire_shard_leases
         " LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING i.job_id, i.chunk, i.feature, j.state",
         (lease_s, limit)).fetchall()
     out: list[Chunk] = []
@@ -250,7 +252,9 @@ def expire_leases(conn: psycopg.Connection, lease_s: float, limit: int = 100_000
 
 
 def active_jobs(conn: psycopg.Connection) -> list[int]:
-    return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY id")]
+    """Active labelling jobs (harvest jobs have no chunks to top up)."""
+    return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running') AND kind = 'label'"
+                                       " ORDER BY id")]
 
 
 def cancel(conn: psycopg.Connection, job_id: int) -> str | None:
@@ -280,8 +284,10 @@ def resume(conn: psycopg.Connection, job_id: int, budget_tokens: int | None) -> 
     return None if row is None else row[0]
 
 
-_SUMMARY = ("SELECT j.id, s.name, j.state, j.n_items, j.n_done, j.n_failed, j.tokens, j.created, j.finished,"
-            " j.budget_tokens, j.reason, j.params FROM jobs j JOIN saes s ON s.id = j.sae_id")
+# a harvest job runs before its SAE has a row: its name is in params
+_SUMMARY = ("SELECT j.id, coalesce(s.name, j.params->>'sae'), j.state, j.n_items, j.n_done, j.n_failed, j.tokens,"
+            " j.created, j.finished, j.budget_tokens, j.reason, j.params, j.kind"
+            " FROM jobs j LEFT JOIN saes s ON s.id = j.sae_id")
 
 
 def summaries(conn: psycopg.Connection, job_id: int | None = None, limit: int = 50) -> list[JobSummary]:
@@ -297,5 +303,97 @@ def summaries(conn: psycopg.Connection, job_id: int | None = None, limit: int = 
         failures.setdefault(jid, {})[reason] = n
     return [JobSummary(job_id=r[0], sae=r[1], state=r[2], n_items=r[3], n_done=r[4], n_failed=r[5], tokens=r[6],
                        failures=failures.get(r[0], {}), created=r[7], finished=r[8], budget_tokens=r[9],
-                       reason=r[10], explainer=r[11].get("explainer"), scorers=r[11].get("scorers", []))
+                       reason=r[10], explainer=r[11].get("explainer"), scorers=r[11].get("scorers", []), kind=r[12])
             for r in rows]
+
+
+# ---------------------------------------------------------------- harvest jobs (issue 13)
+class HarvestJobParams(BaseModel):
+    """What a shard's worker needs to run `harvest_to_catalog`; stored in jobs.params."""
+    sae: str                        # the catalog name it will have
+    sae_path: str                   # absolute: every worker reads the SAE from there
+    corpus: str
+    tokens: int
+    cfg: dict                       # sae.configs.HarvestConfig's fields
+    replace: bool = False
+    device: str = "auto"
+    batch_size: int = 16
+    queue: str = "harvest"          # where the sweeper sends a shard again
+    state_dir: str                  # the shards' partial states, under settings.harvest_state_root
+
+
+@dataclass
+class ShardRef:
+    """A shard task to send: job job_id's shard `shard` on `queue`."""
+    job_id: int
+    shard: int
+    queue: str
+
+
+def create_harvest_job(conn: psycopg.Connection, params: HarvestJobParams, n_shards: int, lease_s: float) -> int:
+    """The job and one item per shard, leased as they go to the broker (a lost message comes back when its lease
+    expires); the state folder is named after the job, so params are completed here. Returns the job id."""
+    with conn.transaction():
+        job_id = conn.execute("INSERT INTO jobs (kind, params, n_items, n_chunks, chunk_size)"
+                              " VALUES ('harvest', '{}', %s, %s, 1) RETURNING id", (n_shards, n_shards)).fetchone()[0]
+        params.state_dir = f"{params.state_dir.rstrip('/')}/job-{job_id}"
+        conn.execute("UPDATE jobs SET params = %s WHERE id = %s", (Jsonb(params.model_dump()), job_id))
+        conn.execute("INSERT INTO job_items (job_id, sae_id, feature, chunk, lease_until)"
+                     " SELECT %s, 0, i, i, now() + make_interval(secs => %s) FROM generate_series(0, %s - 1) i",
+                     (job_id, lease_s, n_shards))
+    return job_id
+
+
+@dataclass
+class HarvestJobRef:
+    """What a shard's worker reads of its job before claiming."""
+    state: str
+    n_shards: int
+    params: HarvestJobParams
+
+
+def harvest_job(conn: psycopg.Connection, job_id: int) -> HarvestJobRef | None:
+    row = conn.execute("SELECT state, n_items, params FROM jobs WHERE id = %s AND kind = 'harvest'",
+                       (job_id,)).fetchone()
+    return None if row is None else HarvestJobRef(row[0], row[1], HarvestJobParams(**row[2]))
+
+
+def claim_shard(conn: psycopg.Connection, job_id: int, shard: int, lease_s: float) -> bool:
+    """Leases a queued shard of an active job; False when it is running elsewhere, done, or the job stopped
+    (a duplicate or late message then does nothing). The job turns running."""
+    with conn.transaction():
+        got = conn.execute(
+            "UPDATE job_items SET state = 'running', lease_until = now() + make_interval(secs => %s),"
+            " attempts = attempts + 1, updated = now() WHERE job_id = %s AND sae_id = 0 AND feature = %s"
+            " AND state = 'queued' AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = %s AND j.state IN"
+            " ('queued', 'running'))", (lease_s, job_id, shard, job_id)).rowcount
+        if got:
+            conn.execute("UPDATE jobs SET state = 'running', updated = now() WHERE id = %s AND state = 'queued'",
+                         (job_id,))
+    return bool(got)
+
+
+def finish_shard(conn: psycopg.Connection, job_id: int, shard: int, merged: bool) -> str:
+    """The shard's item done; the job done when this shard merged the set (it wrote the catalog). A repeated
+    write counts nothing twice. Returns the job's state."""
+    with conn.transaction():
+        moved = conn.execute(
+            "UPDATE job_items SET state = 'done', lease_until = NULL, updated = now() WHERE job_id = %s"
+            " AND sae_id = 0 AND feature = %s AND state IN ('queued', 'running')", (job_id, shard)).rowcount
+        return conn.execute(
+            "UPDATE jobs SET n_done = n_done + %s, updated = now(),"
+            " state = CASE WHEN %s AND state IN ('queued', 'running') THEN 'done' ELSE state END,"
+            " finished = CASE WHEN %s AND state IN ('queued', 'running') THEN now() ELSE finished END"
+            " WHERE id = %s RETURNING state", (moved, merged, merged, job_id)).fetchone()[0]
+
+
+def expire_shard_leases(conn: psycopg.Connection, lease_s: float) -> list[ShardRef]:
+    """The sweeper's harvest half: shards whose lease expired (their worker died, or the broker lost their
+    message) go back to queued; those of active jobs are leased again and returned to be sent again."""
+    rows = conn.execute(
+        "UPDATE job_items i SET state = 'queued', updated = now(), lease_until = CASE WHEN j.state IN"
+        " ('queued', 'running') THEN now() + make_interval(secs => %s) END FROM jobs j"
+        " WHERE j.id = i.job_id AND i.ctid = ANY(ARRAY(SELECT ctid FROM job_items WHERE lease_until < now()"
+        " AND job_id IN (SELECT id FROM jobs WHERE kind = 'harvest') FOR UPDATE SKIP LOCKED))"
+        " RETURNING i.job_id, i.feature, j.state, j.params->>'queue'", (lease_s,)).fetchall()
+    return [ShardRef(r[0], r[1], r[3]) for r in sorted(rows) if r[2] in ACTIVE]
