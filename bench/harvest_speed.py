@@ -102,11 +102,13 @@ def main() -> None:
               "+ encoder matmul only (floor)": matmul, "+ SAE encode_sparse": encode,
               "+ per-feature state (harvest)": full_harvest}
     rows = {name: math.inf for name in stages}
+    cpu = {name: math.inf for name in stages}   # process CPU seconds: steadier than wall on a shared machine
     for _ in range(args.repeats):  # round-robin, best of each: fair under a load that comes and goes
         for name, fn in stages.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             rows[name] = min(rows[name], time.perf_counter() - t)
+            cpu[name] = min(cpu[name], time.process_time() - c)
     st = full_harvest()
     t = time.perf_counter()
     res = st.result()
@@ -114,14 +116,19 @@ def main() -> None:
     base = rows["bare forward (whole model)"]
     device = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"harvest speed: {n_tok} tokens, layer {layer}, {latents} latents, k={k}, {device}")
-    print(f"{'stage':<34}{'seconds':>10}{'tok/s':>12}{'x bare':>9}")
+    print(f"{'stage':<34}{'seconds':>10}{'tok/s':>12}{'x bare':>9}{'CPU s':>9}")
     for name, sec in rows.items():
-        print(f"{name:<34}{sec:>10.3f}{n_tok / sec:>12.0f}{sec / base:>9.2f}")
+        print(f"{name:<34}{sec:>10.3f}{n_tok / sec:>12.0f}{sec / base:>9.2f}{cpu[name]:>9.3f}")
     print(f"{'finalise (result, once)':<34}{finish:>10.3f}")
     ratio = rows["+ per-feature state (harvest)"] / base
+    over_floor = rows["+ per-feature state (harvest)"] / rows["+ encoder matmul only (floor)"]
+    cpu_over_floor = cpu["+ per-feature state (harvest)"] / cpu["+ encoder matmul only (floor)"]
+    print(f"harvest over its floor (stopped forward + encoder matmul): {over_floor:.3f}x wall, "
+          f"{cpu_over_floor:.3f}x CPU time (goal <= 1.10 on CPU)")
     print(json.dumps({"benchmark": "harvest_speed", "device": device, "tokens": n_tok, "latents": latents,
                       "bare_tok_s": round(n_tok / base), "harvest_tok_s": round(n_tok / rows["+ per-feature state (harvest)"]),
-                      "harvest_over_bare": round(ratio, 3), "finalise_s": round(finish, 3),
+                      "harvest_over_bare": round(ratio, 3), "harvest_over_floor": round(over_floor, 3),
+                      "harvest_over_floor_cpu": round(cpu_over_floor, 3), "finalise_s": round(finish, 3),
                       "floor_over_bare": round(rows["+ encoder matmul only (floor)"] / base, 3),
                       "examples": len(res.examples), "goal_over_bare": 1.25}))
 

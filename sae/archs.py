@@ -35,7 +35,9 @@ class SAEConfig:
     l1_coef: float = 5.0           # relu: L1 weighted by decoder norm
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
-    l0_coef: float = 1.0           # jumprelu: weight of ((L0 - k) / k)^2
+    l0_coef: float = 10.0          # jumprelu: weight of ((L0 - k) / k)^2
+    jumprelu_threshold_lr: float = 3.0   # jumprelu: log θ's learning rate over the weights' (see param_groups)
+    jumprelu_l0_gain: float = 0.2    # jumprelu: every log θ moves by gain x (L0 - k) / k after each step
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -114,6 +116,23 @@ def _total_var(x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tens
     return (given if given is not None else (x - x.mean(0)).pow(2).sum()).clamp_min(1e-12)
 
 
+def auxk_loss(sae: "SparseAutoencoder", xc, pre, err, dead, total_var) -> torch.Tensor:
+    """AuxK (Gao et al.): the dead latents' top activations must explain the residual error `err`. Unlike
+    sparsify, the gradient also reaches the encoder, so dead latents can move toward the data. xc is the
+    input less b_dec, pre its pre-activations (read without gradient)."""
+    n_dead = 0 if dead is None else int(dead.sum())
+    if n_dead == 0:
+        return torch.zeros((), device=xc.device)
+    k_aux = min(xc.shape[-1] // 2, n_dead)
+    with torch.no_grad():
+        vals, idx = pre.detach().masked_fill(~dead[None], -torch.inf).topk(k_aux, dim=-1, sorted=False)
+        pattern = topk_pattern(idx, pre.shape[1])
+    aux_acts = sparse_linear(xc, sae.W_enc, sae.b_enc, pattern, vals.reshape(-1)).relu()
+    aux_recon = sparse_decode(aux_acts, sae.W_dec, pattern)
+    scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
+    return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
+
+
 class SparseAutoencoder(nn.Module):
     arch: str = ""
 
@@ -161,10 +180,24 @@ class SparseAutoencoder(nn.Module):
         recon = self.decode(acts)
         total_var = _total_var(x, total_var)
         n_total = n_total or x.shape[0]
-        fvu = (x - recon).pow(2).sum() / total_var
+        err = x - recon
+        fvu = err.pow(2).sum() / total_var
         rms = (total_var / n_total).sqrt()
-        return StepOutput(fvu + x.shape[0] / n_total * self.sparsity_loss(pre, acts, rms), recon, fvu,
-                          (acts > 0).float().sum(-1).mean(), (acts > 0).any(0))
+        aux = self.dead_latent_loss(x, pre, err, dead, total_var, x.shape[0] / n_total)
+        return StepOutput(fvu + x.shape[0] / n_total * self.sparsity_loss(pre, acts, rms) + aux / 32, recon, fvu,
+                          (acts > 0).float().sum(-1).mean(), (acts > 0).any(0), aux)
+
+    def param_groups(self) -> list[dict]:
+        """Adam's parameter groups; each group's learning rate is the schedule's times its lr_scale."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def after_step(self, l0: float) -> None:
+        """Called after each optimiser step with the global batch's mean L0 (the same on every rank)."""
+
+    def dead_latent_loss(self, x, pre, err, dead, total_var, share: float = 1.0) -> torch.Tensor:
+        """A loss that brings dead latents back (`dead` [n_latents] bool); none by default. `share` is x's
+        part of the global batch, for terms that are not sums over tokens."""
+        return torch.zeros((), device=x.device)
 
     def sparsity_loss(self, pre: torch.Tensor, acts: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         """Mean over the tokens; rms is the batch's root-mean-square distance to its mean (a scale)."""
@@ -270,28 +303,13 @@ class TopKSAE(SparseAutoencoder):
         err = x - recon
         total_var = _total_var(x, total_var)
         fvu = err.pow(2).sum() / total_var
-        aux = self._auxk(xc, pre, err, dead, total_var)
+        aux = auxk_loss(self, xc, pre, err, dead, total_var)
         with torch.no_grad():
             on = acts > 0
             fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
             fired[pattern.col[on]] = True
             l0 = on.sum().float() / x.shape[0]
         return StepOutput(fvu + aux / 32, recon, fvu, l0, fired, aux)
-
-    def _auxk(self, xc, pre, err, dead, total_var):
-        """AuxK (Gao et al.): the dead latents' top activations must explain the residual error. Unlike
-        sparsify, the gradient also reaches the encoder, so dead latents can move toward the data."""
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0:
-            return torch.zeros((), device=xc.device)
-        k_aux = min(xc.shape[-1] // 2, n_dead)
-        with torch.no_grad():
-            vals, idx = pre.masked_fill(~dead[None], -torch.inf).topk(k_aux, dim=-1, sorted=False)
-            pattern = topk_pattern(idx, pre.shape[1])
-        aux_acts = sparse_linear(xc, self.W_enc, self.b_enc, pattern, vals.reshape(-1)).relu()
-        aux_recon = sparse_decode(aux_acts, self.W_dec, pattern)
-        scale = min(n_dead / (xc.shape[-1] // 2), 1.0)
-        return scale * (aux_recon - err.detach()).pow(2).sum() / total_var
 
     def firing_rule(self):
         return f"top {self.cfg.k}", self._encoder()
@@ -475,6 +493,14 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
+    def param_groups(self):
+        # Adam moves every parameter by about lr per step: a weight's step shifts a pre-activation by up to
+        # lr x sum |x|, while log θ moves by lr, a relative 0.4% at lr 4e-3. At one learning rate the
+        # thresholds could not follow the encoder: L0 fell from k = 16 to 6 within 15 steps and stayed low
+        weights = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [{"params": weights, "lr_scale": 1.0},
+                {"params": [self.log_threshold], "lr_scale": self.cfg.jumprelu_threshold_lr}]
+
     def activate(self, pre):
         return _JumpReLUFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).to(pre.dtype)
 
@@ -490,11 +516,37 @@ class JumpReLUSAE(SparseAutoencoder):
             theta = F.linear(x, self.W_enc[sl], self.b_enc[sl]).float().kthvalue(rank, dim=0).values
             self.log_threshold[sl] = theta.clamp_min(self.cfg.jumprelu_init_threshold).log()
 
+    @torch.no_grad()
+    def after_step(self, l0):
+        # the L0 penalty acts through each threshold's kernel only and lost to the reconstruction in the
+        # second half of a run (L0 drifted from 16 to 31): a controller on the global L0 holds it at k, and the
+        # penalty still decides which latents fire. L0 settles where gain x (L0 - k) / k matches the thresholds'
+        # Adam step (gain 0.05 against lr x 10 settled at 1.3 k); a gain much above 0.3 would oscillate
+        self.log_threshold += self.cfg.jumprelu_l0_gain * (l0 - self.cfg.k) / self.cfg.k
+
+    def dead_latent_loss(self, x, pre, err, dead, total_var, share=1.0):
+        # a latent whose threshold sits above every pre-activation it sees gets no gradient from the
+        # reconstruction nor from the step function's kernel: it never comes back by itself (a quarter of the
+        # latents died on MiniLM layer 3). AuxK moves its encoder toward the residual, and its threshold is
+        # pulled down until it fires again (Adam makes that a steady step of the threshold's learning rate)
+        aux = auxk_loss(self, x - self.b_dec, pre, err, dead, total_var)
+        if dead is None or not bool(dead.any()):
+            return aux
+        return aux + 32 * share * (self.log_threshold * dead).sum()
+
     def sparsity_loss(self, pre, acts, rms):
         # L0 via the step function, pulled toward the target k from both sides: a plain L0 penalty settles
-        # wherever it balances the reconstruction, which on MiniLM was about k / 2 from the calibrated start
-        l0 = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
-        return self.cfg.l0_coef * ((l0 - self.cfg.k) / self.cfg.k).square()
+        # wherever it balances the reconstruction, which on MiniLM was about k / 2 from the calibrated start.
+        # The square is of the GLOBAL batch's L0: its gradient, 2 (L0 - k) / k^2 x dL0, is linear in this
+        # rank's L0, so the ranks' shares sum to the single-process gradient (squares of the ranks' own L0
+        # would not)
+        steps = _StepFn.apply(pre.float(), self.log_threshold, self.cfg.jumprelu_bandwidth).sum(-1)
+        l0 = steps.mean()
+        total = torch.stack([steps.detach().sum(), torch.tensor(float(steps.numel()), device=steps.device)])
+        if _world() > 1:
+            torch.distributed.all_reduce(total)
+        err = (total[0] / total[1] - self.cfg.k) / self.cfg.k
+        return self.cfg.l0_coef * (err.square() + 2 * err / self.cfg.k * (l0 - l0.detach()))
 
     def fold_input_scale(self, scale):
         super().fold_input_scale(scale)

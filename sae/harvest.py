@@ -82,96 +82,164 @@ def keyhash(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _mix32(x ^ (b >> 32))
 
 
-def _lexrank(seg: torch.Tensor, *keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order by (seg, *keys) ascending and each entry's rank inside its seg."""
-    order = torch.arange(seg.numel(), device=seg.device)
-    for k in reversed((seg, *keys)):
-        order = order[torch.sort(k[order], stable=True).indices]
-    s = seg[order]
-    start = torch.ones_like(s, dtype=torch.bool)
-    start[1:] = s[1:] != s[:-1]
-    pos = torch.arange(s.numel(), device=s.device)
-    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(0).values
-    return order, pos - first
+def _sortable(prim: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2^32) ordered as prim (float32 without NaN or -0, or int32) is."""
+    if prim.dtype == torch.float32:
+        bits = prim.view(torch.int32)
+        prim = bits ^ ((bits >> 31) & 0x7FFFFFFF)   # negative floats: flip the magnitude so order is integer order
+    return prim.long() + (1 << 31)
+
+
+def _row_order(P: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order by (P, K) with the empty entries (K < 0) last whatever their P."""
+    big = torch.iinfo(torch.long).max
+    if int(K.max()) < 1 << 32:
+        # one sort: P's 32 order bits above the key's 32 bits, signed (the top bit taken off P's)
+        packed = ((_sortable(P) - (1 << 31)) << 32) | K
+        # empties in column order, so an empty old entry always comes before an empty candidate cell
+        last = big - K.shape[1] + torch.arange(K.shape[1], device=K.device)
+        return torch.where(K < 0, last, packed).sort(dim=1).indices
+    o = torch.where(K < 0, big, K).sort(dim=1, stable=True).indices
+    return o.gather(1, P.gather(1, o).sort(dim=1, stable=True).indices)
+
+
+def _ranks(seg: torch.Tensor) -> torch.Tensor:
+    """Each entry's position inside its run of equal values in the sorted seg."""
+    start = torch.ones_like(seg, dtype=torch.bool)
+    start[1:] = seg[1:] != seg[:-1]
+    pos = torch.arange(seg.numel(), device=seg.device)
+    return pos - torch.where(start, pos, torch.zeros_like(pos)).cummax(0).values
 
 
 class _Bank:
     """Per feature the `cap` entries with the smallest (prim, key), with their activation windows.
 
-    Candidates that beat a row's worst entry (as of the last flush: a superset of the real winners) go to
-    a buffer with their windows; a flush merges buffer and rows by one sort. Flushing only when the buffer
-    is as large as half the rows keeps the per-batch cost proportional to the candidates, not to n x cap."""
+    Rows are kept sorted by (prim, key). An entry's window sits in one of its row's `cap` window slots, named
+    by `slot`, so a merge moves only the small columns and writes a window only where an entry comes in;
+    flush() puts the windows back in row order for the readers. Candidates that beat their row's worst entry
+    as of the last merge (`worst`, contiguous so the test stays in cache: a superset of the real winners) wait
+    in a buffer with their windows. A merge sorts the buffer by (feature, prim, key), keeps each feature's best
+    `cap` and merges them into the rows they touch, and only those: its cost follows the candidates, not the
+    number of features. The buffer is bounded in bytes, so memory is the rows plus a constant."""
 
-    def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device):
+    BUFFER_BYTES = 1 << 28
+
+    def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device,
+                 scale_is_val: bool = False):
         self.n, self.cap, self.width, self.empty = n, cap, width, empty
         self.prim = torch.full((n, cap), empty, dtype=prim_dtype, device=device)
         self.key = torch.full((n, cap), -1, dtype=torch.long, device=device)
         self.val = torch.zeros((n, cap), device=device)
-        self.scale = torch.zeros((n, cap), device=device)
+        # a top entry's window max is its context max, its val: one tensor under both names (200 MB at 1 M)
+        self.scale = self.val if scale_is_val else torch.zeros((n, cap), device=device)
+        self.slot = torch.arange(cap, dtype=torch.int16, device=device).repeat(n, 1)
         self.win = torch.zeros((n, cap, width), dtype=torch.uint8, device=device)
+        self.worst = torch.full((n,), empty, dtype=prim_dtype, device=device)
         self.buf: list[tuple] = []
         self.buf_size = 0
-        self.flush_at = max(n * cap // 2, 1 << 16)
+        entry = 8 + self.prim.element_size() + 8 + 4 + 4 + width
+        self.flush_at = max(1 << 16, min(n * cap // 2, self.BUFFER_BYTES // entry))
 
     def offer(self, f, prim, key, val, windows) -> None:
         """Candidates (feature, prim, key, val); windows(i) -> (uint8 [len(i), width], scale [len(i)])."""
-        keep = (prim <= self.prim[f, -1]).nonzero().squeeze(1)
+        keep = (prim <= self.worst[f]).nonzero().squeeze(1)
         if keep.numel() == 0:
             return
         win, scale = windows(keep)
         self.buf.append((f[keep], prim[keep], key[keep], val[keep], scale, win))
         self.buf_size += keep.numel()
         if self.buf_size >= self.flush_at:
-            self.flush()
+            self.merge_buffer()
 
     def flush(self, chunk: int = FEATURE_CHUNK) -> None:
+        """Merges the buffer and puts every row's windows in row order: win[f, j] is entry j's window."""
+        self.merge_buffer(chunk)
+        identity = torch.arange(self.cap, dtype=torch.int16, device=self.slot.device)
+        for lo in range(0, self.n, chunk):
+            s = self.slot[lo:lo + chunk]
+            moved = (s != identity).any(1).nonzero().squeeze(1) + lo
+            if moved.numel():
+                idx = self.slot[moved].long()[:, :, None].expand(-1, -1, self.width)
+                self.win[moved] = self.win[moved].gather(1, idx)
+                self.slot[moved] = identity
+
+    def merge_buffer(self, chunk: int = FEATURE_CHUNK) -> None:
         if not self.buf:
             return
-        # joined column by column, each column's pieces dropped once joined, and read through `order` rather
-        # than permuted: the buffer is never held twice, only once plus its largest column
+        # joined column by column, each column's pieces dropped once joined
         cols = [list(c) for c in zip(*self.buf)]
         self.buf, self.buf_size = [], 0
         for j in range(len(cols)):
             cols[j] = torch.cat(cols[j])
-        f, prim, key, val, scale, win = cols
-        del cols
-        order = torch.sort(f, stable=True).indices
-        f = f[order]
-        # feature rows a chunk at a time, so the merge's temporaries stay small next to the state
-        edges = torch.searchsorted(f, torch.arange(0, self.n + chunk, chunk, device=f.device)).tolist()
-        for c, lo in enumerate(range(0, self.n, chunk)):
-            a, b = edges[c], edges[c + 1]
-            if a == b:
-                continue
-            i = order[a:b]
-            hi = min(lo + chunk, self.n)
-            valid = self.key[lo:hi] >= 0
-            seg = torch.cat([valid.nonzero()[:, 0] + lo, f[a:b]])
-            P = torch.cat([self.prim[lo:hi][valid], prim[i]])
-            K = torch.cat([self.key[lo:hi][valid], key[i]])
-            V = torch.cat([self.val[lo:hi][valid], val[i]])
-            S = torch.cat([self.scale[lo:hi][valid], scale[i]])
-            W = torch.cat([self.win[lo:hi][valid], win[i]])
-            ordr, rank = _lexrank(seg, P, K)
-            sel, r = ordr[rank < self.cap], rank[rank < self.cap]
-            fs = seg[sel]
-            self.prim[lo:hi] = self.empty
-            self.key[lo:hi] = -1
-            self.val[lo:hi] = 0
-            self.scale[lo:hi] = 0
-            self.win[lo:hi] = 0
-            self.prim[fs, r], self.key[fs, r], self.val[fs, r] = P[sel], K[sel], V[sel]
-            self.scale[fs, r], self.win[fs, r] = S[sel], W[sel]
+        f, prim, key = cols[:3]
+        # (feature, prim, key) order: by key, then stably by feature and prim packed into one int64
+        order = torch.sort(key, stable=True).indices
+        order = order[torch.sort((f[order] << 32) | _sortable(prim[order]), stable=True).indices]
+        fs = f[order]
+        rank = _ranks(fs)
+        best = rank < self.cap                   # only a feature's best cap candidates can enter its row
+        order, fs, rank = order[best], fs[best], rank[best]
+        rows, counts = torch.unique_consecutive(fs, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        for r0 in range(0, rows.numel(), chunk):
+            r1 = min(r0 + chunk, rows.numel())
+            a, b = (ends[r0 - 1] if r0 else 0), ends[r1 - 1]
+            row_in_chunk = torch.repeat_interleave(torch.arange(r1 - r0, device=fs.device), counts[r0:r1])
+            self._merge_rows(rows[r0:r1], row_in_chunk, rank[a:b], order[a:b], cols)
 
-    def merge(self, other: "_Bank") -> None:
+    def _merge_rows(self, R, ri, rc, ci, cols) -> None:
+        """Rows R with their candidates: candidate ci[j] (into the buffer columns) of row R[ri[j]], rank rc[j].
+        Flat 1-D indexing throughout: torch's multi-index paths are several times slower on the CPU."""
+        _, prim, key, val, scale, win = cols
+        G, cap = R.numel(), self.cap
+        at = ri * (2 * cap) + cap + rc                   # the candidates' cells in a [G, 2 cap] matrix
+
+        def both(mine, theirs, fill):
+            out = torch.full((G, 2 * cap), fill, dtype=mine.dtype, device=mine.device)
+            out[:, :cap] = mine.index_select(0, R)
+            out.view(-1)[at] = theirs[ci]
+            return out
+
+        P, K = both(self.prim, prim, self.empty), both(self.key, key, -1)
+        src = _row_order(P, K)[:, :cap].contiguous()
+        from_old = src < cap
+        kept_slot = self.slot.index_select(0, R).long().gather(1, src.clamp(max=cap - 1))
+        # an incoming entry takes a slot no kept entry holds, the free slots in ascending order
+        used = torch.zeros((G, cap + 1), dtype=torch.bool, device=R.device)
+        used.scatter_(1, torch.where(from_old, kept_slot, cap), True)
+        free_slot = (~used[:, :cap]).nonzero(as_tuple=True)[1]        # row-major: ascending within each row
+        nth_free = (~used[:, :cap]).sum(1).cumsum(0) - (~used[:, :cap]).sum(1)
+        new_row, new_pos = (~from_old).nonzero(as_tuple=True)
+        nth_new = (~from_old).long().cumsum(1)[new_row, new_pos] - 1
+        slot = kept_slot.clone()
+        new_slot = free_slot[nth_free[new_row] + nth_new]
+        slot.view(-1)[new_row * cap + new_pos] = new_slot
+        cand = torch.full((G * cap,), -1, dtype=torch.long, device=R.device)
+        cand[ri * cap + rc] = ci
+        new = cand[new_row * cap + src.reshape(-1)[new_row * cap + new_pos] - cap]
+        self.win.view(-1, self.width).index_copy_(0, R[new_row] * cap + new_slot, win[new])
+        newP = P.gather(1, src)
+        self.prim.index_copy_(0, R, newP)
+        self.key.index_copy_(0, R, K.gather(1, src))
+        self.val.index_copy_(0, R, both(self.val, val, 0).gather(1, src))
+        if self.scale is not self.val:
+            self.scale.index_copy_(0, R, both(self.scale, scale, 0).gather(1, src))
+        self.slot.index_copy_(0, R, slot.to(torch.int16))
+        self.worst.index_copy_(0, R, newP[:, -1].contiguous())
+
+    def merge(self, other: "_Bank", chunk: int = FEATURE_CHUNK) -> None:
         other.flush()
-        valid = other.key >= 0
-        self.buf.append((valid.nonzero()[:, 0], other.prim[valid], other.key[valid], other.val[valid],
-                         other.scale[valid], other.win[valid]))
-        self.flush()
+        # a chunk of the other's rows at a time: all of them at once would be a copy of the whole bank
+        for lo in range(0, self.n, chunk):
+            valid = other.key[lo:lo + chunk] >= 0
+            part = [t[lo:lo + chunk][valid] for t in (other.prim, other.key, other.val, other.scale, other.win)]
+            self.buf.append((valid.nonzero()[:, 0] + lo, *part))
+            self.merge_buffer(chunk)
 
     def tensors(self) -> dict:
-        return {k: getattr(self, k) for k in ("prim", "key", "val", "scale", "win")}
+        """The bank's tensors, each once (the top bank's scale is its val)."""
+        names = ("prim", "key", "val", "slot", "win") + (() if self.scale is self.val else ("scale",))
+        return {k: getattr(self, k) for k in names}
 
 
 class HarvestState:
@@ -188,8 +256,9 @@ class HarvestState:
         self.sumq = torch.zeros(n_features, dtype=torch.long, device=dev)
         self.hist = torch.zeros((n_features, cfg.hist_bins), dtype=torch.long, device=dev)
         self.hist_hi = torch.zeros(n_features, device=dev)
-        self.top = _Bank(n_features, cfg.top_k, self.width, torch.float32, math.inf, dev)
-        self.res = _Bank(n_features, cfg.reservoir, self.width, torch.long, EMPTY_HASH, dev)
+        self.top = _Bank(n_features, cfg.top_k, self.width, torch.float32, math.inf, dev, scale_is_val=True)
+        # the reservoir's hashes are 32-bit: kept as int32 (less 2^31), half the memory of int64
+        self.res = _Bank(n_features, cfg.reservoir, self.width, torch.int32, torch.iinfo(torch.int32).max, dev)
         self.pool: dict[int, tuple[int, torch.Tensor]] = {}   # ctx -> (hash, firing features)
         self.contexts: dict[int, torch.Tensor] = {}           # ctx -> token ids, pruned to the referenced
         self._prune_at = 4096
@@ -215,53 +284,64 @@ class HarvestState:
         local, pos = rows // L, rows % L
         key = ctx_ids[local] * L + pos
 
-        self.n_fired.index_add_(0, f, torch.ones_like(f))
-        self.sumq.index_add_(0, f, torch.round(v.double() * SUM_SCALE).long())
-        self._hist(f, v)
-
-        # per (feature, context) group: its activations as a dense row, its max and the max's first position
+        # per (feature, context) group: its max and the max's first position
         g = f * B + local
         ug, inv = torch.unique(g, return_inverse=True)
-        rows_of_group = torch.zeros((ug.numel(), L), device=dev)
-        rows_of_group[inv, pos] = v
-        gmax = rows_of_group.amax(1)
+        gmax = torch.zeros(ug.numel(), device=dev).scatter_reduce_(0, inv, v, "amax", include_self=False)
         cand_pos = torch.where(v == gmax[inv], pos, torch.full_like(pos, L))
         gpos = torch.full((ug.numel(),), L, dtype=torch.long, device=dev).scatter_reduce_(0, inv, cand_pos, "amin")
         gf, gl = ug // B, ug % B
 
+        self.n_fired.index_add_(0, f, torch.ones_like(f))
+        self.sumq.index_add_(0, f, torch.round(v.double() * SUM_SCALE).long())
+        self._hist(gf, gmax, f, v)
+
         def windows(group, at):
-            return lambda i: self._windows(rows_of_group, group[i], at[i])
+            return lambda i: self._windows(inv, pos, v, group[i], at[i])
 
         gid = torch.arange(ug.numel(), device=dev)
         self.top.offer(gf, -gmax, ctx_ids[gl] * L + gpos, gmax, windows(gid, gpos))
-        self.res.offer(f, keyhash(self.cfg.seed, f, key), key, v, windows(inv, pos))
+        self.res.offer(f, (keyhash(self.cfg.seed, f, key) - (1 << 31)).int(), key, v, windows(inv, pos))
         self._pool(ctx_ids, local, f)
         if len(self.contexts) > self._prune_at:
             self._prune()
 
-    def _windows(self, group_rows, group, pos):
-        """The activations of a window of width w around pos, quantised to bytes, and their max."""
+    def _windows(self, inv, pos, v, group, at):
+        """The activations of group[i] in a window of width w around at[i], quantised to bytes, and their max.
+        Only the groups asked for are laid out densely: most candidates are gone by now once rows are full."""
         w, L = self.width, self.L
-        start = (pos - w // 2).clamp(0, L - w)
-        a = group_rows[group[:, None], start[:, None] + torch.arange(w, device=pos.device)]
+        row_of = torch.full((int(inv.max()) + 1 if inv.numel() else 1,), -1, dtype=torch.long, device=v.device)
+        uniq, compact = torch.unique(group, return_inverse=True)
+        row_of[uniq] = torch.arange(uniq.numel(), device=v.device)
+        mine = row_of[inv]
+        hit = mine >= 0
+        dense = torch.zeros(uniq.numel() * L, device=v.device)
+        dense[mine[hit] * L + pos[hit]] = v[hit]
+        start = (at - w // 2).clamp(0, L - w)
+        cells = (compact * L + start)[:, None] + torch.arange(w, device=v.device)
+        a = dense.index_select(0, cells.view(-1)).view(-1, w)
         s = a.amax(-1)
         return torch.round(a / s.clamp_min(1e-30)[:, None] * 255).to(torch.uint8), s
 
-    def _hist(self, f, v) -> None:
+    def _hist(self, gf, gmax, f, v) -> None:
+        """gf, gmax: each (feature, context) group's feature (sorted) and max; f, v: the firings. Touches only
+        the features that fired, so its cost follows the firings, not the number of features."""
         if f.numel() == 0:
             return
         nb = self.cfg.hist_bins
-        bmax = torch.zeros(self.n, device=f.device).scatter_reduce_(0, f, v, "amax", include_self=False)
+        uf, inv = torch.unique_consecutive(gf, return_inverse=True)
+        bmax = torch.zeros(uf.numel(), device=f.device).scatter_reduce_(0, inv, gmax, "amax", include_self=False)
         mant, exp = torch.frexp(bmax)
         # the smallest power of two >= bmax, exactly
-        hi = torch.where(bmax > 0, torch.ldexp(torch.ones_like(bmax), exp - (mant == 0.5).long()), bmax)
-        grow = (hi > self.hist_hi) & (self.hist_hi > 0)
+        hi = torch.ldexp(torch.ones_like(bmax), exp - (mant == 0.5).long())
+        old = self.hist_hi[uf]
+        grow = (hi > old) & (old > 0)
         if bool(grow.any()):
-            g = grow.nonzero().squeeze(1)
-            ratio = (hi[g] / self.hist_hi[g]).long()
+            g = uf[grow]
+            ratio = (hi[grow] / old[grow]).long()
             new_bin = torch.arange(nb, device=f.device)[None] // ratio[:, None]
             self.hist[g] = torch.zeros_like(self.hist[g]).scatter_add_(1, new_bin, self.hist[g])
-        self.hist_hi = torch.maximum(self.hist_hi, hi)
+        self.hist_hi[uf] = torch.maximum(old, hi)
         # v * nb / hi: division by a power of two is exact, so a value lands in the same bin whether it was
         # counted before or after the range doubled (floor(floor(x) / 2) == floor(x / 2))
         b = torch.floor(v * nb / self.hist_hi[f]).long().clamp(0, nb - 1)
@@ -282,8 +362,8 @@ class HarvestState:
             self.pool = {c: self.pool[c] for c in keep}
 
     def referenced(self) -> set[int]:
-        self.top.flush()
-        self.res.flush()
+        self.top.merge_buffer()
+        self.res.merge_buffer()
         ref = set(self.pool)
         # a chunk of feature rows at a time: all rows' keys at once (and unique's copies of them) would be a
         # transient several times the size of the banks' keys, the largest of the whole streaming phase

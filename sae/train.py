@@ -144,7 +144,7 @@ class Trainer:
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.sae, self.cfg, self.rank, self.world = sae, cfg, rank, world
         dev = sae.W_enc.device
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.base_lr, betas=(0.9, 0.999),
+        self.opt = torch.optim.Adam(sae.param_groups(), lr=cfg.base_lr, betas=(0.9, 0.999),
                                     fused=dev.type in ("cuda", "cpu"))
         self.step_n = 0
         self.tokens_seen = 0
@@ -158,7 +158,7 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         lr = lr_at(self.step_n, cfg.total_steps, cfg.base_lr, cfg.warmup_steps, cfg.decay_frac)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total_var = (x - x.mean(0)).pow(2).sum()
         mine = x.chunk(self.world)[self.rank] if self.world > 1 else x
         with self.autocast:
@@ -181,6 +181,7 @@ class Trainer:
         self.step_n += 1
         self.tokens_seen += x.shape[0]
         fvu, l0_sum = sums.tolist()
+        sae.after_step(l0_sum / x.shape[0])
         return StepStats(fvu, l0_sum / x.shape[0], float(self.dead().float().mean()), lr)
 
     def state(self) -> dict:

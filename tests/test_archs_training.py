@@ -75,4 +75,39 @@ def test_jumprelu_calibration_starts_l0_at_k_and_the_penalty_pulls_toward_k():
     assert abs(l0() - 4) < 0.5
     pre = sae.pre_acts(x)
     loss_at = lambda shift: float(sae.sparsity_loss(pre + shift, None, None))
-    assert loss_at(0.0) < 0.05 < min(loss_at(-10.0), loss_at(10.0))   # too few and too many both cost
+    coef = sae.cfg.l0_coef
+    assert loss_at(0.0) < 0.05 * coef < min(loss_at(-10.0), loss_at(10.0))   # too few and too many both cost
+
+
+def test_jumprelu_controller_moves_every_threshold_toward_the_target_l0():
+    sae = build(SAEConfig(d_in=16, n_latents=64, arch="jumprelu", k=4))
+    before = sae.log_threshold.detach().clone()
+    sae.after_step(8.0)                       # twice the target: every threshold rises
+    up = sae.log_threshold.detach().clone()
+    assert (up > before).all()
+    sae.after_step(2.0)                       # half the target: they come down
+    assert (sae.log_threshold.detach() < up).all()
+    at_target = sae.log_threshold.detach().clone()
+    sae.after_step(4.0)                       # on target: nothing moves
+    assert torch.equal(sae.log_threshold.detach(), at_target)
+
+
+def test_a_dead_jumprelu_latent_gets_a_way_back():
+    """A latent whose threshold no input reaches: the reconstruction gives it no gradient, the dead-latent loss
+    pulls its threshold down and its encoder row toward the residual."""
+    torch.manual_seed(0)
+    sae = build(SAEConfig(d_in=16, n_latents=64, arch="jumprelu", k=4))
+    x = sparse_data()
+    sae.b_dec.data = x.mean(0)
+    sae.calibrate(x)
+    with torch.no_grad():
+        sae.log_threshold[7] = 20.0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[7] = True
+    for mask in (None, dead):
+        sae.zero_grad()
+        sae.training_step(x, dead=mask).loss.backward()
+        if mask is None:
+            assert sae.log_threshold.grad[7] == 0 and sae.W_enc.grad[7].abs().max() == 0
+    assert sae.log_threshold.grad[7] > 0          # descending the loss lowers the threshold
+    assert sae.W_enc.grad[7].abs().max() > 0

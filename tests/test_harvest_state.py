@@ -253,7 +253,8 @@ def test_logit_tokens_read_the_decoder_through_the_unembedding():
 def test_flushing_feature_rows_in_chunks_changes_nothing(full, monkeypatch):
     from sae.harvest import _Bank
 
-    monkeypatch.setattr(_Bank.flush, "__defaults__", (7,))
+    for method in (_Bank.flush, _Bank.merge_buffer, _Bank.merge):
+        monkeypatch.setattr(method, "__defaults__", (7,))
     chunked = run(range(24)).result()
     for k in full.examples.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(chunked.examples, k), getattr(full.examples, k), err_msg=k)
@@ -280,3 +281,30 @@ def test_flushing_after_every_batch_changes_nothing(full):
     got = st.result()
     for k in full.examples.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(got.examples, k), getattr(full.examples, k), err_msg=k)
+
+
+def test_state_bytes_per_feature_fit_a_million_features_in_8_gib():
+    """The default settings' per-feature state: 1 M features must stream in <= 8 GiB, buffers included."""
+    from sae.harvest import _Bank
+
+    st = HarvestState(64, 64, HarvestConfig())
+    banks = [st.top, st.res]
+    per_feature = sum(t.numel() * t.element_size() for b in banks for t in (*b.tensors().values(), b.worst))
+    per_feature += sum(t.numel() * t.element_size() for t in (st.n_fired, st.sumq, st.hist, st.hist_hi))
+    per_feature /= 64
+    assert per_feature * 1_000_000 + 2 * _Bank.BUFFER_BYTES < 7 * 2**30
+
+
+def test_a_merge_rewrites_only_the_rows_it_has_candidates_for():
+    st = run(range(6))
+    st.top.flush()
+    before = {k: v.clone() for k, v in st.top.tensors().items()}
+    ids, tokens, vals, idx = synthetic_batch(99)
+    keep = (idx == 3) | (idx == 11)          # only features 3 and 11 fire in this batch
+    st.update(ids + 1000, tokens, vals * keep, idx)
+    st.top.flush()
+    others = torch.ones(F, dtype=torch.bool)
+    others[[3, 11]] = False
+    for k, v in st.top.tensors().items():
+        assert torch.equal(v[others], before[k][others]), k
+    assert not torch.equal(st.top.key[[3, 11]], before["key"][[3, 11]])

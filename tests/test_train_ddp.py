@@ -32,7 +32,7 @@ def _train(arch: str, rank: int = 0, world: int = 1) -> dict:
     return {k: v.detach().clone() for k, v in sae.state_dict().items()}
 
 
-ARCHS = ("topk", "batchtopk", "relu")
+ARCHS = ("topk", "batchtopk", "relu", "jumprelu")
 
 
 def _worker(rank: int, world: int, port: int, out: str):
