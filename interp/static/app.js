@@ -130,7 +130,8 @@ function jobsPage() {
     const body = {sae: e.sae.value, explainer: e.explainer.value, unlabeled: e.unlabeled.checked,
                   scorers: e.scorers.value.split(",").map((s) => s.trim()).filter(Boolean)};
     if (e.features.value.trim()) body.features = e.features.value.trim();
-    try { showJobError({message: ""}); jobCard((await api("POST", "/jobs", body)).job_id); } catch (err) { showJobError(err); }
+    showJobError({message: ""});
+    try { jobCard((await api("POST", "/jobs", body)).job_id); } catch (err) { showJobError(err); }
   });
   document.getElementById("watch").addEventListener("submit", (ev) => {
     ev.preventDefault();
