@@ -296,16 +296,17 @@ def show_results(conn, cfg: DemoConfig, spec: str, llm_features: list[int]) -> N
     con.print("\n[bold]The ten best-scoring features[/] (baseline labels, embedding AUROC on held-out snippets)")
     for b in best:
         top = next((e for e in load_feature_examples(conn, cfg.name, b.index).examples if e.kind == "top"), None)
-        con.print(f"  {b.index:>5}  {b.value:.3f}  {escape(b.label)}")
+        con.print(f"  {b.index:>5}  {b.value:.3f}  {escape(b.label)}  ({escape(b.explainer)})")
         if top is not None:
             con.print(f"         {escape(snippet(top)[:110])}")
     con.print(f"\n[bold]LLM labels ({escape(spec)}, simulation score) beside the baseline's[/]")
     for idx in llm_features:
         labs = labels_of(conn, sid, idx)
         for lab in labs:
-            sc = ", ".join(f"{s.scorer} {s.value:.3f}" for s in lab.scores if s.value is not None) or "no score"
+            sc = ", ".join(f"{s.scorer} {s.value:.3f}" if s.value is not None else f"{s.scorer} undefined"
+                           for s in lab.scores) or "not scored"
             text = lab.label if lab.label is not None else f"(no label: {lab.failure})"
-            con.print(f"  {idx:>5}  {lab.explainer:<14} {escape(text)[:90]}  [{sc}]")
+            con.print(f"  {idx:>5}  {escape(lab.explainer):<14} {escape(text[:90])}  " + escape(f"[{sc}]"))
     word = next((w for b in best for w in re.findall(r"[A-Za-z]{4,}", b.label)
                  if w.lower() not in ("tokens", "token", "line", "starts", "after")), None)
     if word:
