@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from interp import export as exporter
-from interp.db import connect, migrate
 from interp.records import Explanation, Score
 from interp.store import export as store
 from interp.store.features import load_feature_examples
@@ -20,18 +19,10 @@ from interp.store.labels import upsert_explanation, upsert_score
 from sae.archs import SAEConfig, build
 from sae.configs import HarvestConfig
 from sae.formats import save_native
+from tests.helpers import URL
 
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 SECRET = "sk-test-SECRET-do-not-export-123"
 N_LATENTS = 96
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = connect(URL)
-    migrate(c)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

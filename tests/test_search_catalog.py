@@ -7,15 +7,12 @@ import uuid
 
 import pytest
 
-from interp.db import connect, migrate
 from interp.records import Explanation, Score
 from interp.search import search
 from interp.store import search as store
 from interp.store.bulk import FeatureStats, copy_features, create_sae
 from interp.store.labels import upsert_explanation, upsert_score
 from interp.store.saes import SAEMeta
-
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 
 # feature index -> (label, density, {scorer: value})
 LABELS = {
@@ -27,14 +24,6 @@ LABELS = {
     5: ("the word 'the' before nouns", 0.3, {"embedding": 0.2}),
     6: ("bridges in card games", 0.004, {"embedding": 0.1}),
 }
-
-
-@pytest.fixture(scope="module")
-def conn():
-    c = connect(URL)
-    migrate(c)
-    yield c
-    c.close()
 
 
 def make_sae(conn, labels, n=10):
