@@ -115,6 +115,17 @@ def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index
     return store.filter_ranked(conn, near, flt, n)
 
 
+def contenders(fused: Mapping[int, float], limit: int) -> list[int]:
+    """The candidates that can still be in the first `limit` results: every one fused at least as high as the
+    limit-th (ties at the cut included, since the score breaks them). Only these rows are read back, not the
+    hundreds every arm offers."""
+    values = sorted(fused.values(), reverse=True)
+    if len(values) <= limit:
+        return list(fused)
+    cut = values[limit - 1]
+    return [i for i, v in fused.items() if v >= cut]
+
+
 def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, scorer: str | None = None,
            min_score: float | None = None, density: str | None = None, limit: int = 20,
            semantic: bool = True, index_dir: str | None = None,
@@ -142,7 +153,7 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         except SemanticUnavailable as e:
             warn(f"semantic search is off: {e}; using full text and trigram only")
     fused = rrf([ranks(arm) for arm in arms])
-    hits = store.label_hits(conn, list(fused))
+    hits = store.label_hits(conn, contenders(fused, limit))
 
     def order(h: store.LabelHit):
         best = h.scores.get(scorer) if scorer else max(h.scores.values(), default=None)

@@ -70,3 +70,14 @@ def test_clean_query_collapses_space_drops_nul_and_bounds_length():
     assert clean_query("a" * MAX_QUERY_CHARS) == "a" * MAX_QUERY_CHARS
     with pytest.raises(InputError, match="at most"):
         clean_query("a" * 10_000)
+
+
+def test_only_candidates_that_can_reach_the_limit_are_read_back():
+    from interp.search import contenders
+
+    fused = {1: 0.9, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.1}
+    # the 2nd-best value is 0.5, shared by three: all three stay, the score decides between them
+    assert sorted(contenders(fused, 2)) == [1, 2, 3, 4]
+    assert sorted(contenders(fused, 1)) == [1]
+    assert sorted(contenders(fused, 5)) == [1, 2, 3, 4, 5]
+    assert sorted(contenders(fused, 20)) == [1, 2, 3, 4, 5]
