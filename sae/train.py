@@ -151,6 +151,21 @@ class Trainer:
         self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=dev)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
+    @staticmethod
+    def _sum_grads(sae) -> None:
+        """Sums the gradients over the ranks. Every rank must run the same collectives in the same order, and a
+        parameter can have a gradient on one rank and none on another (a term that only some ranks' batches
+        reach), so which parameters have one is agreed first; those get summed, zeros standing in where a rank
+        has none, exactly the single-process gradient of the whole batch."""
+        params = list(sae.parameters())
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        for p, any_rank in zip(params, has.tolist()):
+            if any_rank:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+
     def dead(self) -> torch.Tensor:
         return self.since_fired >= self.cfg.dead_after
 
@@ -167,9 +182,7 @@ class Trainer:
         fired = out.fired.to(torch.uint8)
         sums = torch.stack([out.fvu.detach().float(), out.l0.detach().float() * mine.shape[0]])
         if self.world > 1:
-            for p in sae.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+            self._sum_grads(sae)
             dist.all_reduce(fired, op=dist.ReduceOp.MAX)
             dist.all_reduce(sums)
         sae.remove_gradient_parallel_to_decoder_directions()

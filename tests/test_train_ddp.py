@@ -42,6 +42,9 @@ def _worker(rank: int, world: int, port: int, out: str):
         states = {arch: _train(arch, rank, world) for arch in ARCHS}
         if rank == 0:
             torch.save(states, out)
+        # both ranks leave together: a rank tearing gloo down while the other still has a collective in flight
+        # aborts that one ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -54,7 +57,15 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            # about 1 run in 15 here, a gloo rank aborts in C++ ("terminate called without an active exception")
+            # within its first seconds, before any result: start both ranks once more; a second abort fails
+            if e.signal_name != "SIGABRT" or attempt == 1:
+                raise
     all_ddp = torch.load(out)
     for arch in ARCHS:
         ddp, single = all_ddp[arch], _train(arch)
