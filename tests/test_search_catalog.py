@@ -2,7 +2,6 @@
 the usearch index (built, caught up, rebuilt), and the bad inputs of issue 10 through the CLI."""
 import json
 import os
-import sys
 import uuid
 
 import pytest
@@ -162,25 +161,15 @@ def test_without_the_index_search_says_so_once_and_uses_the_text_arms(conn, sae,
 
 # ---------------------------------------------------------------- the CLI and bad input
 @pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    from interp.cli import main
-    from interp.settings import get_settings
-
+def cli(cli, monkeypatch, tmp_path):
+    """conftest's in-process CLI runner, with an index folder of this test's own, as (code, stdout, stderr)."""
     monkeypatch.setenv("SEARCH_INDEX_DIR", str(tmp_path / "cli-index"))
-    get_settings.cache_clear()
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["interp", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        r = cli(*args)
+        return r.returncode, r.stdout, r.stderr
 
-    yield run
-    get_settings.cache_clear()
+    return run
 
 
 def test_cli_json_shape_and_table(conn, sae, cli):
