@@ -268,15 +268,11 @@ def with_db(fn, *args):
 
 
 def _load(conn, p: JobParams, feats: list[int]):
-    from .store.features import load_feature_examples
+    from .store.features import load_many, no_feature
 
-    fes, missing = [], []
-    for f in feats:
-        try:
-            fes.append(load_feature_examples(conn, p.sae, f))
-        except InputError as e:
-            missing.append(FeatureOutcome(feature=f, explanation=None, reason=failure_reason(str(e)), error=str(e)))
-    return fes, missing
+    fes, missing = load_many(conn, p.sae, feats)
+    return fes, [FeatureOutcome(feature=f, explanation=None, reason="no_feature", error=no_feature(conn, p.sae, f))
+                 for f in missing]
 
 
 def run_chunk(job_id: int, first: int, last: int, send: Send) -> int:
@@ -337,15 +333,9 @@ async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict,
 
 
 def _store(job_id: int, sid: int, outcomes: list[FeatureOutcome]) -> str:
-    """A batch's features, each in its own transaction, on one pooled connection; retried whole on a database
-    error (features already stored do not move again, so nothing counts twice)."""
-    def store_all(conn) -> str:
-        state = "running"
-        for out in outcomes:
-            state = jobs.finish_feature(conn, job_id, sid, out)
-        return state
-
-    return with_db(store_all)
+    """A batch's features in one transaction on a pooled connection; retried whole on a database error
+    (features already stored do not move again, so nothing counts twice)."""
+    return with_db(jobs.finish_features, job_id, sid, outcomes)
 
 
 async def _renew(job_id: int, sid: int, feats: list[int]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import random
 import time
@@ -112,6 +113,19 @@ def retry_after_s(headers) -> float | None:
             return None
 
 
+def _refusal_cause(e: BaseException) -> BaseException | None:
+    """The aiohttp connector error under a timeout, if that is what it was: the SDK's aiohttp transport maps every
+    aiohttp connection error, a refused connection included, to a connect timeout (its table tests the base class
+    first), and "connection refused" must not read as "timeout"."""
+    import aiohttp
+
+    while e is not None:
+        if isinstance(e, aiohttp.ClientConnectorError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 # the Usage of the chat() call running in this task, so the httpx hooks can count the SDK's hidden retries
 _CALL: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("llm_call", default=None)
 
@@ -144,8 +158,10 @@ class OpenAIClient:
     def __post_init__(self):
         import openai
 
-        http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request],
-                                                           "response": [self._on_response]})
+        # aiohttp under the SDK's httpx2 interface: about half the client CPU of the default transport per call,
+        # which is most of a worker's CPU at 64 calls in flight
+        http = openai.DefaultAioHttpClient(event_hooks={"request": [self._on_request],
+                                                        "response": [self._on_response]})
         self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
                                           max_retries=self.max_retries, timeout=self.timeout_s, http_client=http)
         self._sem = asyncio.Semaphore(self.concurrency)
@@ -183,7 +199,7 @@ class OpenAIClient:
         if grammar is not None:
             if not self.grammar_ok:
                 raise LLMError(f"{self.spec} takes no grammar option (llama.cpp's server, openai:local, does)")
-            kwargs["extra_body"] = {"grammar": grammar}
+            kwargs["grammar"] = grammar
         if logprobs:
             kwargs.update(logprobs=True, top_logprobs=top_logprobs)
         if json_mode:
@@ -197,25 +213,29 @@ class OpenAIClient:
             self.usage.add(spent)
 
     async def _attempts(self, kwargs: dict, spent: Usage) -> Completion:
+        import httpx2
         import openai
 
         for attempt in range(self.max_retries + 1):
             try:
                 async with self._sem:
-                    resp = await self._client.chat.completions.create(**kwargs)
-                if not getattr(resp, "choices", None):
-                    raise ValueError("response has no choices")
-                return self._completion(resp, spent)
+                    # the SDK's documented raw request (its retries, timeouts and errors, as `create` has):
+                    # `create` spends more CPU on transforming the typed params and building pydantic models
+                    # than on the HTTP call; the body is read here into plain records instead
+                    resp = await self._client.post("/chat/completions", body=kwargs, cast_to=httpx2.Response)
+                return self._completion(json.loads(resp.content), spent)
             except openai.APIStatusError as e:
                 code = e.status_code
                 if code in SDK_RETRIED or code >= 500:
                     raise self._gave_up(f"HTTP {code}", spent) from None
                 raise LLMError(f"HTTP {code} from {self.spec} at {self._client.base_url}: {first_line(e)}") from None
-            except openai.APITimeoutError:
+            except openai.APITimeoutError as e:
+                if (refused := _refusal_cause(e)) is not None:
+                    raise self._gave_up(f"connection error: {first_line(refused)}", spent) from None
                 raise self._gave_up(f"timeout after {self.timeout_s:g}s", spent) from None
             except openai.APIConnectionError as e:
                 raise self._gave_up(f"connection error: {first_line(e.__cause__ or e)}", spent) from None
-            except (ValueError, TypeError, AttributeError, openai.APIResponseValidationError) as e:
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
                 reason = f"malformed response: {first_line(e)}"
             if attempt == self.max_retries:
                 raise self._gave_up(reason, spent)
@@ -228,18 +248,28 @@ class OpenAIClient:
         return LLMError(f"{reason} from {self.spec} at {self._client.base_url}, "
                         f"gave up after {spent.calls} attempts{hint}")
 
-    def _completion(self, resp, spent: Usage) -> Completion:
-        ch = resp.choices[0]
-        msg = ch.message
-        u = resp.usage
-        spent.prompt_tokens += getattr(u, "prompt_tokens", 0) or 0
-        spent.completion_tokens += getattr(u, "completion_tokens", 0) or 0
+    @staticmethod
+    def _completion(body: dict, spent: Usage) -> Completion:
+        """A chat completion's JSON body as a Completion; a body of another shape raises (ValueError, KeyError,
+        TypeError...), which `_attempts` retries as malformed."""
+        if not isinstance(body, dict) or not body.get("choices"):
+            raise ValueError("response has no choices")
+        ch = body["choices"][0]
+        msg = ch["message"]
+        u = body.get("usage") or {}
+        spent.prompt_tokens += u.get("prompt_tokens") or 0
+        spent.completion_tokens += u.get("completion_tokens") or 0
+        content = (ch.get("logprobs") or {}).get("content")
         lps = None
-        if ch.logprobs is not None and ch.logprobs.content:
-            lps = [TokenLogprob(t.token, t.logprob, {x.token: x.logprob for x in (t.top_logprobs or [])})
-                   for t in ch.logprobs.content]
-        return Completion(text=msg.content or "", logprobs=lps, usage=spent,
-                          refusal=getattr(msg, "refusal", None), finish_reason=ch.finish_reason)
+        if content:
+            lps = [TokenLogprob(t["token"], float(t["logprob"]),
+                                {x["token"]: float(x["logprob"]) for x in (t.get("top_logprobs") or [])})
+                   for t in content]
+        text = msg.get("content")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"message content is {type(text).__name__}, not text")
+        return Completion(text=text or "", logprobs=lps, usage=spent, refusal=msg.get("refusal"),
+                          finish_reason=ch.get("finish_reason"))
 
     async def close(self) -> None:
         await self._client.close()

@@ -20,7 +20,8 @@ from interp.settings import get_settings
 from .app import app
 
 log = logging.getLogger(__name__)
-logging.getLogger("httpx").setLevel(logging.WARNING)    # a line per LLM call costs CPU a worker needs for calls
+for _name in ("httpx", "httpx2"):     # a line per LLM call costs CPU a worker needs for calls
+    logging.getLogger(_name).setLevel(logging.WARNING)
 _stop = threading.Event()
 
 

@@ -17,30 +17,46 @@ from .vocab import decode_ids
 def load_feature_examples(conn: psycopg.Connection, sae_name: str, index: int,
                           split: str | None = None) -> FeatureExamples:
     """One feature's examples as records, tokens decoded through the stored vocabulary."""
-    sid = require_sae(conn, sae_name)
-    feat = conn.execute("SELECT max_act, density FROM features WHERE sae_id = %s AND idx = %s", (sid, index)).fetchone()
-    if feat is None:
-        raise InputError(f"SAE {sae_name!r} has no feature {index}; valid: 0..{n_features(conn, sid) - 1}")
+    found, missing = load_many(conn, sae_name, [index], split)
+    if missing:
+        raise InputError(no_feature(conn, sae_name, index))
+    return found[0]
+
+
+def no_feature(conn: psycopg.Connection, sae_name: str, index: int) -> str:
+    return f"SAE {sae_name!r} has no feature {index}; valid: 0..{n_features(conn, require_sae(conn, sae_name)) - 1}"
+
+
+def load_many(conn: psycopg.Connection, sae_name: str, indices: list[int],
+              split: str | None = None) -> tuple[list[FeatureExamples], list[int]]:
+    """Several features' examples in five queries whatever their number (a labelling worker loads a batch at
+    once); returns them in the order asked, and the indices the SAE does not have."""
+    row = conn.execute("SELECT id, tokenizer FROM saes WHERE name = %s", (sae_name,)).fetchone()
+    if row is None:
+        require_sae(conn, sae_name)     # raises its one line naming the SAEs that exist
+    sid, tok_key = row
+    feats = {r[0]: r[1:] for r in conn.execute(
+        "SELECT idx, max_act, density FROM features WHERE sae_id = %s AND idx = ANY(%s)", (sid, list(indices)))}
     rows = conn.execute(
-        "SELECT kind, split, width, ctx, start, max_pos, quantile_bin, scale, acts FROM examples"
-        " WHERE sae_id = %s AND feature = %s AND (%s::text IS NULL OR split = %s)"
-        " ORDER BY array_position(ARRAY['top', 'quantile', 'random'], kind), split",
-        (sid, index, split, split)).fetchall()
-    ctx_ids = sorted({c for r in rows for c in r[3]})
+        "SELECT feature, kind, split, width, ctx, start, max_pos, quantile_bin, scale, acts FROM examples"
+        " WHERE sae_id = %s AND feature = ANY(%s) AND (%s::text IS NULL OR split = %s)"
+        " ORDER BY feature, array_position(ARRAY['top', 'quantile', 'random'], kind), split",
+        (sid, list(feats), split, split)).fetchall()
     contexts = dict(conn.execute("SELECT ctx, token_ids FROM contexts WHERE sae_id = %s AND ctx = ANY(%s)",
-                                 (sid, ctx_ids)).fetchall())
-    out: list[Example] = []
-    for kind, sp, width, ctxs, starts, _max_pos, qbins, scales, acts in rows:
+                                 (sid, sorted({c for r in rows for c in r[4]}))).fetchall())
+    examples: dict[int, list[Example]] = {f: [] for f in feats}
+    for feature, kind, sp, width, ctxs, starts, _max_pos, qbins, scales, acts in rows:
         q = np.frombuffer(acts, dtype=np.uint8).reshape(len(ctxs), width)
-        for i, (c, s, sc) in enumerate(zip(ctxs, starts, scales)):
-            out.append(Example(token_ids=contexts[c][s:s + width], acts=(q[i] / 255.0 * sc).tolist(), kind=kind,
-                               split=sp, quantile_bin=qbins[i] if qbins else None))
-    tok_key = conn.execute("SELECT tokenizer FROM saes WHERE id = %s", (sid,)).fetchone()[0]
-    vocab = decode_ids(conn, tok_key, {t for e in out for t in e.token_ids})
+        examples[feature] += [Example(token_ids=contexts[c][s:s + width], acts=(q[i] / 255.0 * sc).tolist(),
+                                      kind=kind, split=sp, quantile_bin=qbins[i] if qbins else None)
+                              for i, (c, s, sc) in enumerate(zip(ctxs, starts, scales))]
+    vocab = decode_ids(conn, tok_key, {t for exs in examples.values() for e in exs for t in e.token_ids})
     if vocab:
-        for e in out:
+        for e in (e for exs in examples.values() for e in exs):
             e.tokens = [vocab.get(t, f"<{t}>") for t in e.token_ids]
-    return FeatureExamples(sae=sae_name, index=index, examples=out, max_act=float(feat[0]), density=float(feat[1]))
+    found = [FeatureExamples(sae=sae_name, index=f, examples=examples[f], max_act=float(feats[f][0]),
+                             density=float(feats[f][1])) for f in indices if f in feats]
+    return found, [f for f in indices if f not in feats]
 
 
 class FeatureView(BaseModel):

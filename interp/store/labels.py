@@ -32,19 +32,24 @@ class LabelView(BaseModel):
 
 def upsert_explanation(conn: psycopg.Connection, sid: int, ex: Explanation) -> int:
     """Stores a label or its failure; returns its id. A stored label is kept as it is."""
+    return upsert_explanation_row(conn, sid, ex)[0]
+
+
+def upsert_explanation_row(conn: psycopg.Connection, sid: int, ex: Explanation) -> tuple[int, str | None]:
+    """upsert_explanation, returning the label stored after it too (an earlier run's, when one was kept)."""
     row = conn.execute(
         "INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label, is_baseline, prompt_tokens,"
         " completion_tokens, failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (sae_id, feature, explainer, prompt_version) DO UPDATE SET label = EXCLUDED.label,"
         " is_baseline = EXCLUDED.is_baseline, prompt_tokens = explanations.prompt_tokens + EXCLUDED.prompt_tokens,"
         " completion_tokens = explanations.completion_tokens + EXCLUDED.completion_tokens,"
-        " failure = EXCLUDED.failure, created = now() WHERE explanations.label IS NULL RETURNING id",
+        " failure = EXCLUDED.failure, created = now() WHERE explanations.label IS NULL RETURNING id, label",
         (sid, ex.index, ex.explainer, ex.prompt_version, ex.label, ex.is_baseline, ex.usage.prompt_tokens,
          ex.usage.completion_tokens, ex.failure)).fetchone()
     if row is not None:
-        return row[0]
-    return conn.execute("SELECT id FROM explanations WHERE sae_id = %s AND feature = %s AND explainer = %s"
-                        " AND prompt_version = %s", (sid, ex.index, ex.explainer, ex.prompt_version)).fetchone()[0]
+        return row
+    return conn.execute("SELECT id, label FROM explanations WHERE sae_id = %s AND feature = %s AND explainer = %s"
+                        " AND prompt_version = %s", (sid, ex.index, ex.explainer, ex.prompt_version)).fetchone()
 
 
 def upsert_score(conn: psycopg.Connection, explanation_id: int, s: Score) -> None:
