@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def serve_stub(port: int, latency: float) -> None:
     import uvicorn
 
-    count = [0]
+    count, busy = [0], [0.0]     # calls, and seconds the calls were in flight (summed)
 
     async def app(scope, receive, send):
         body, more = b"", True
@@ -44,10 +44,12 @@ def serve_stub(port: int, latency: float) -> None:
             msg = await receive()
             body, more = body + msg.get("body", b""), msg.get("more_body", False)
         if scope["path"].endswith("/count"):
-            return await _reply(send, {"calls": count[0]})
+            return await _reply(send, {"calls": count[0], "busy_s": busy[0]})
+        t = time.perf_counter()
         req = json.loads(body)
         count[0] += 1
         await asyncio.sleep(latency)
+        busy[0] += time.perf_counter() - t
         m = re.search(r"Below are (\d+) numbered", req["messages"][0]["content"])
         content = json.dumps([1] * int(m.group(1))) if m else "Label: the bench token"
         await _reply(send, {"id": "b", "object": "chat.completion", "created": 0, "model": req.get("model", "b"),
@@ -72,8 +74,14 @@ def free_port() -> int:
 
 
 def stub_calls(url: str) -> int:
+    return stub_counts(url)[0]
+
+
+def stub_counts(url: str) -> tuple[int, float]:
+    """(calls answered, seconds of calls in flight summed over calls) so far."""
     with urllib.request.urlopen(url + "/count", data=b"{}", timeout=5) as r:
-        return json.loads(r.read())["calls"]
+        got = json.loads(r.read())
+    return got["calls"], got["busy_s"]
 
 
 # ---------------------------------------------------------------- workers
@@ -120,13 +128,13 @@ def throughput(conn, n_workers: int, n_features: int, env: dict, stub_url: str, 
     sae = make_sae(conn, n_features)
     procs = start_workers(n_workers, env, logdir)
     try:
-        calls0, cpu0, t0 = stub_calls(stub_url), sum(cpu_s(p.pid) for p in procs), time.perf_counter()
+        (calls0, busy0), cpu0, t0 = stub_counts(stub_url), sum(cpu_s(p.pid) for p in procs), time.perf_counter()
         job = queue_job(conn, LabelRequest(sae=sae, features=f"0:{n_features}", explainer="openai:bench",
                                            scorers=("detection",)), broker_app())
         while (j := summaries(conn, job.job_id)[0]).state in ACTIVE:
             time.sleep(0.1)
         wall, cpu = time.perf_counter() - t0, sum(cpu_s(p.pid) for p in procs) - cpu0
-        calls = stub_calls(stub_url) - calls0
+        calls, busy = (a - b for a, b in zip(stub_counts(stub_url), (calls0, busy0)))
     finally:
         stop(procs)
         conn.execute("DELETE FROM saes WHERE name = %s", (sae,))
@@ -134,7 +142,9 @@ def throughput(conn, n_workers: int, n_features: int, env: dict, stub_url: str, 
         raise SystemExit(f"bench job ended {j.state} with {j.n_failed} failures: {j.failures}")
     return {"workers": n_workers, "features": n_features, "seconds": round(wall, 2),
             "features_per_s": round(n_features / wall, 1), "calls_per_feature": round(calls / n_features, 2),
-            "cpu_ms_per_feature": round(1000 * cpu / n_features, 2)}
+            "cpu_ms_per_feature": round(1000 * cpu / n_features, 2),
+            # how full the endpoint was kept (the ratio's other side: a worker short of CPU or waiting on itself)
+            "mean_in_flight": round(busy / wall, 1), "worker_cpu_share": round(cpu / wall / n_workers, 2)}
 
 
 def bare_sdk(stub_url: str, calls: int, concurrency: int) -> dict:
@@ -191,10 +201,10 @@ def scale(conn, n_features: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--features", type=int, default=3000, help="features labelled per throughput run")
+    ap.add_argument("--features", type=int, default=6144, help="features labelled per throughput run")
     ap.add_argument("--concurrency", type=int, default=64, help="LLM calls in flight per worker process")
     ap.add_argument("--latency", type=float, default=0.1, help="seconds the stub takes per call")
-    ap.add_argument("--chunk", type=int, default=256, help="features per task")
+    ap.add_argument("--chunk", type=int, help="features per task (default: settings.job_chunk_size)")
     ap.add_argument("--scale", type=int, default=1_000_000, help="features in the queued-job test (0: skip)")
     ap.add_argument("--workers", default="1,2", help="worker process counts to run")
     ap.add_argument("--sdk-calls", type=int, default=3000, help="calls of the bare-SDK calibration (0: skip)")
@@ -210,6 +220,9 @@ def main() -> None:
                             start_new_session=True)
     stub_url = f"http://127.0.0.1:{port}/v1"
     queue = f"bench-{uuid.uuid4().hex[:6]}"
+    if a.chunk is None:
+        from interp.settings import get_settings
+        a.chunk = get_settings().job_chunk_size
     os.environ.update(JOB_QUEUE=queue, JOB_CHUNK_SIZE=str(a.chunk), OPENAI_BASE_URL=stub_url, OPENAI_API_KEY="bench",
                       LLM_CONCURRENCY=str(a.concurrency), JOB_WINDOW="4", PYTHONPATH=str(ROOT))
     env = dict(os.environ)
@@ -234,10 +247,12 @@ def main() -> None:
     for r in rows:
         r["ideal_features_per_s"] = round(r["workers"] * a.concurrency / (r["calls_per_feature"] * a.latency), 1)
         r["ratio_to_ideal"] = round(r["features_per_s"] / r["ideal_features_per_s"], 3)
-    print(f"{'workers':>7} {'features/s':>10} {'ideal':>7} {'ratio':>6} {'calls/feat':>10} {'cpu ms/feat':>11}")
+    print(f"{'workers':>7} {'features/s':>10} {'ideal':>7} {'ratio':>6} {'calls/feat':>10} {'cpu ms/feat':>11} "
+          f"{'in flight':>9} {'cpu/core':>8}")
     for r in rows:
         print(f"{r['workers']:>7} {r['features_per_s']:>10} {r['ideal_features_per_s']:>7} {r['ratio_to_ideal']:>6} "
-              f"{r['calls_per_feature']:>10} {r['cpu_ms_per_feature']:>11}")
+              f"{r['calls_per_feature']:>10} {r['cpu_ms_per_feature']:>11} {r['mean_in_flight']:>9} "
+              f"{r['worker_cpu_share']:>8}")
     if sdk:
         print(f"bare openai SDK, same stub and concurrency: {sdk['requests_per_s']} requests/s "
               f"(ideal {a.concurrency / a.latency:g}), {sdk['cpu_ms_per_request']} ms CPU per request")

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
@@ -169,6 +170,12 @@ class OpenAIClient:
         self.spec = self.spec or f"openai:{self.model}"
         self.retries = 0            # requests beyond each call's first, the SDK's and ours
         self.rate_limited = 0       # 429 answers seen
+        self._key_prefix, self._keys = uuid.uuid4().hex, 0
+
+    def _next_key(self) -> str:
+        # what the SDK would send, unique per request and the same over its retries, without a uuid4 per call
+        self._keys += 1
+        return f"stainless-python-retry-{self._key_prefix}-{self._keys}"
 
     def __repr__(self) -> str:      # never the key
         return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
@@ -222,7 +229,8 @@ class OpenAIClient:
                     # the SDK's documented raw request (its retries, timeouts and errors, as `create` has):
                     # `create` spends more CPU on transforming the typed params and building pydantic models
                     # than on the HTTP call; the body is read here into plain records instead
-                    resp = await self._client.post("/chat/completions", body=kwargs, cast_to=httpx2.Response)
+                    resp = await self._client.post("/chat/completions", body=kwargs, cast_to=httpx2.Response,
+                                                   options={"idempotency_key": self._next_key()})
                 return self._completion(json.loads(resp.content), spent)
             except openai.APIStatusError as e:
                 code = e.status_code
