@@ -7,6 +7,7 @@ import time
 import pytest
 
 from interp.llm import Backoff, LLMClient, LLMError, NullClient, OpenAIClient, is_baseline, make_client
+from interp.records import Usage
 from sae.errors import InputError
 from tests.stub_llm import Reply, StubLLM
 
@@ -191,3 +192,28 @@ def test_connection_refused_names_the_endpoint_and_the_serve_hint():
     with pytest.raises(LLMError, match=r"connection error: .* from openai:local at .*127\.0\.0\.1.*"
                                        r"gave up after 1 attempts; is `interp llm serve` running\?"):
         run(cl.chat(MSG))
+
+
+@pytest.mark.parametrize("body", [[], {"choices": []}, {"choices": [{}]}, {"choices": [{"message": None}]},
+                                  {"choices": [{"message": {"content": 7}}]},
+                                  {"choices": [{"message": {"content": "x"}, "logprobs": {"content": [{}]}}]}])
+def test_a_json_body_of_another_shape_is_malformed_not_a_crash(body):
+
+
+    # exactly the exceptions `_attempts` retries as "malformed response"
+    with pytest.raises((ValueError, TypeError, AttributeError, KeyError, IndexError)):
+        OpenAIClient._completion(body, Usage())
+
+
+def test_a_completion_body_becomes_plain_records():
+
+
+    body = {"choices": [{"finish_reason": "stop", "message": {"content": "a\t7", "refusal": None},
+                         "logprobs": {"content": [{"token": "7", "logprob": -0.1,
+                                                   "top_logprobs": [{"token": "7", "logprob": -0.1},
+                                                                    {"token": "8", "logprob": -2.5}]}]}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+    c = OpenAIClient._completion(body, Usage())
+    assert c.text == "a\t7" and c.finish_reason == "stop" and c.refusal is None
+    assert c.logprobs[0].token == "7" and c.logprobs[0].top == {"7": -0.1, "8": -2.5}
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (12, 3)
