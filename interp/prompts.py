@@ -78,6 +78,20 @@ def explain_block(snippets: list[tuple[list[str], list[float]]], max_act: float)
     return "\n".join(out)
 
 
+def top_tokens(snippets: list[tuple[list[str], list[float]]], max_act: float, n: int = 5) -> str:
+    """The marked tokens that fire most, summed over the explain set on the 0-10 scale, as a short quoted list
+    (delphi-style highlighted tokens): a small model otherwise describes the snippets' text, not the marks."""
+    totals: dict[str, int] = {}
+    for toks, acts in snippets:
+        for t, a in zip(toks, normalise_activations(acts, max_act)):
+            if a > 0:
+                key = escape(t).strip() or repr(t)
+                totals[key] = totals.get(key, 0) + a
+    # ties keep first-seen order (dicts are ordered), so the list is deterministic
+    ranked = sorted(totals, key=lambda k: -totals[k])[:n]
+    return ", ".join(f'"{k}"' for k in ranked) if ranked else "none"
+
+
 def token_lines(tokens: list[str]) -> str:
     """One token per line, for the simulator; empty-looking tokens stay visible."""
     return "\n".join(escape(t) if t.strip() else repr(t) for t in tokens)
