@@ -21,7 +21,7 @@ from .scoring import normalise_activations
 PROMPTS = Path(__file__).parent / "prompts"
 MAX_LABEL = 200
 OPEN, CLOSE = "<<", ">>"
-DEFAULT_VERSIONS = {"explain": "explain-v2", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
+DEFAULT_VERSIONS = {"explain": "explain-v3", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
                     "detection": "detection-v1", "fuzzing": "fuzzing-v1"}
 
 
