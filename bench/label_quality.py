@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tqdm import tqdm  # noqa: E402
 
+from interp import prompts  # noqa: E402
 from interp.db import connect, migrate  # noqa: E402
 from interp.explainers import BaselineExplainer, LLMExplainer  # noqa: E402
 from interp.local_llm import LocalLLM  # noqa: E402
@@ -97,7 +98,9 @@ def measure(a, planted, duplicates_dropped: int) -> None:
         labels["local-llm"] = llm_labels
         secs_per_feature = mean(per_feature) if per_feature else None
         # undefined scores (a constant prediction) count as 0 correlation: the label predicted nothing
-        results["simulation (local LLM)"] = {k: mean(v if v is not None else 0.0 for v in vals) for k, vals in sims.items()}
+        # --sim-features 0 labels only (for the embedding AUROC): no simulation row then
+        results["simulation (local LLM)"] = {k: mean(v if v is not None else 0.0 for v in vals) if vals else None
+                                             for k, vals in sims.items()}
     results["embedding (offline)"] = {
         k: mean((embedding(fe, lab).value or 0.0) if lab else 0.0 for (_, fe), lab in zip(planted, labs))
         for k, labs in labels.items()}
@@ -105,7 +108,8 @@ def measure(a, planted, duplicates_dropped: int) -> None:
     cols = ["correct", "baseline", "local-llm", "shuffled"]
     print(f"\nplanted features: {len(planted)} over {a.contexts} contexts ({duplicates_dropped} duplicates dropped); "
           f"simulation: {a.n_active}+{a.n_random} snippets x {a.width} tokens on "
-          f"{a.sim_features or len(planted)} features")
+          f"{len(planted) if a.sim_features is None else a.sim_features} features; "
+          f"local-LLM labels by {prompts.DEFAULT_VERSIONS['explain']}")
     print(f"{'scorer':<24}" + "".join(f"{c:>11}" for c in cols))
     for name, row in results.items():
         print(f"{name:<24}" + "".join(f"{fmt(row.get(c)):>11}" for c in cols))
@@ -113,7 +117,8 @@ def measure(a, planted, duplicates_dropped: int) -> None:
         print(f"seconds per labelled+scored feature (local LLM, explain + simulation): {secs_per_feature:.1f}")
     for (rule, _), *labs in zip(planted, *(labels[c] for c in cols if c in labels)):
         print(f"  {rule.name:<12} " + " | ".join(str(x)[:60] for x in labs[1:]))
-    print(json.dumps({"benchmark": "label_quality", "features": len(planted), "contexts": a.contexts,
+    print(json.dumps({"benchmark": "label_quality", "explain_prompt": prompts.DEFAULT_VERSIONS["explain"],
+                      "features": len(planted), "contexts": a.contexts,
                       "duplicates_dropped": duplicates_dropped, "sim_features": a.sim_features, "n_active": a.n_active,
                       "n_random": a.n_random, "width": a.width, "scores": results,
                       "seconds_per_feature_local_llm": secs_per_feature, "labels": labels}))

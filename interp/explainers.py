@@ -57,6 +57,13 @@ class LLMExplainer:
     max_tokens: int = 60
     prompt_version: str = prompts.DEFAULT_VERSIONS["explain"]
 
+    def messages(self, chosen: list[Example]) -> list[dict]:
+        snippets = [window(e, self.width) for e in chosen]
+        max_act = max(max(a) for _, a in snippets)
+        # every version gets both values; templates before explain-v3 do not use $top_tokens
+        return prompts.load(self.prompt_version).messages(examples=prompts.explain_block(snippets, max_act),
+                                                          top_tokens=prompts.top_tokens(snippets, max_act))
+
     async def explain(self, fe: FeatureExamples) -> Explanation:
         chosen = select_explain(fe, self.n_examples, self.n_top)
         rec = Explanation(sae=fe.sae, index=fe.index, label=None, explainer=self.client.spec,
@@ -64,9 +71,7 @@ class LLMExplainer:
         if not chosen:
             rec.failure = "no activating examples in the explain set"
             return rec
-        snippets = [window(e, self.width) for e in chosen]
-        max_act = max(max(a) for _, a in snippets)
-        messages = prompts.load(self.prompt_version).messages(examples=prompts.explain_block(snippets, max_act))
+        messages = self.messages(chosen)
         # where the endpoint enforces a grammar (llama.cpp) the answer can only be one short label line
         grammar = prompts.LABEL_GRAMMAR if self.client.grammar_ok else None
         for attempt in range(self.attempts):

@@ -21,7 +21,7 @@ from .scoring import normalise_activations
 PROMPTS = Path(__file__).parent / "prompts"
 MAX_LABEL = 200
 OPEN, CLOSE = "<<", ">>"
-DEFAULT_VERSIONS = {"explain": "explain-v2", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
+DEFAULT_VERSIONS = {"explain": "explain-v3", "simulate": "simulate-v1", "simulate-json": "simulate-json-v1",
                     "detection": "detection-v1", "fuzzing": "fuzzing-v1"}
 
 
@@ -80,6 +80,20 @@ def explain_block(snippets: list[tuple[list[str], list[float]]], max_act: float)
         fired = [f"{escape(t).strip() or repr(t)}={n}" for t, n in zip(toks, norm) if n > 0]
         out.append("Activations: " + (", ".join(fired) if fired else "none"))
     return "\n".join(out)
+
+
+def top_tokens(snippets: list[tuple[list[str], list[float]]], max_act: float, n: int = 5) -> str:
+    """The marked tokens that fire most, summed over the explain set on the 0-10 scale, as a short quoted list
+    (delphi-style highlighted tokens): a small model otherwise describes the snippets' text, not the marks."""
+    totals: dict[str, int] = {}
+    for toks, acts in snippets:
+        for t, a in zip(toks, normalise_activations(acts, max_act)):
+            if a > 0:
+                key = escape(t).strip() or repr(t)
+                totals[key] = totals.get(key, 0) + a
+    # ties keep first-seen order (dicts are ordered), so the list is deterministic
+    ranked = sorted(totals, key=lambda k: -totals[k])[:n]
+    return ", ".join(f'"{k}"' for k in ranked) if ranked else "none"
 
 
 def token_lines(tokens: list[str]) -> str:

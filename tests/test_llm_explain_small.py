@@ -56,8 +56,8 @@ def test_ordinary_labels_still_parse(answer, label):
 
 def test_the_default_explain_prompt_is_few_shot_and_versioned():
     p = prompts.load(prompts.DEFAULT_VERSIONS["explain"])
-    msgs = p.messages(examples="Example 1: <<a>>")
-    assert p.version == "explain-v2"
+    msgs = p.messages(examples="Example 1: <<a>>", top_tokens='"a"')
+    assert p.version == "explain-v3"
     roles = [m["role"] for m in msgs]
     assert roles[0] == "system" and roles[-1] == "user" and roles.count("assistant") >= 2
     # each worked answer has the exact form the parser reads
@@ -67,7 +67,7 @@ def test_the_default_explain_prompt_is_few_shot_and_versioned():
 
 def test_the_label_grammar_goes_to_endpoints_that_enforce_one_only():
     ex, reqs = explain_with("Label: the keyword def", grammar_ok=True)
-    assert ex.label == "the keyword def" and ex.prompt_version == "explain-v2"
+    assert ex.label == "the keyword def" and ex.prompt_version == "explain-v3"
     assert reqs[0]["grammar"] == prompts.LABEL_GRAMMAR
     ex, reqs = explain_with("Label: the keyword def", grammar_ok=False)
     assert ex.label == "the keyword def" and "grammar" not in reqs[0]

@@ -181,7 +181,7 @@ def test_explainer_and_simulator_can_be_different_models(stub):
         return ex, scores
 
     ex, scores = asyncio.run(both())
-    assert ex.label == "the digit 7" and ex.explainer == "openai:explainer-model" and ex.prompt_version == "explain-v2"
+    assert ex.label == "the digit 7" and ex.explainer == "openai:explainer-model" and ex.prompt_version == "explain-v3"
     assert {s.simulator for s in scores} == {"openai:sim-model"}
     models = [b["model"] for b in stub.requests]
     assert models[0] == "explainer-model" and set(models[1:]) == {"sim-model"}
