@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -56,9 +57,18 @@ def embed(texts: list[str], encoder) -> np.ndarray:
     return out.astype(np.float32)
 
 
-@lru_cache(maxsize=1)
+_LOAD_LOCK = threading.Lock()
+
+
 def load_encoder():
-    """MiniLM, loaded once per process (a load costs about a second; a query embedding a few ms)."""
+    """MiniLM, loaded once per process (a load costs about a second; a query embedding a few ms). Locked: a search
+    asks for it on its embedding thread and on its own at the same moment, and lru_cache alone would load twice."""
+    with _LOAD_LOCK:
+        return _load_encoder()
+
+
+@lru_cache(maxsize=1)
+def _load_encoder():
     try:
         from interp.scorers import minilm_encoder
 

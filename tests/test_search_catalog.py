@@ -4,6 +4,7 @@ import json
 import os
 import uuid
 
+import psycopg
 import pytest
 
 from interp.records import Explanation, Score
@@ -229,6 +230,36 @@ def test_bulk_copy_round_trips_awkward_text_and_scores(conn):
         assert copy_labels(conn, sid, [ScoredLabel(0, "other", scores={"embedding": 0.9})]) == 1
         again = store.label_hits(conn, [hits[0].id])[0]
         assert again.label == awkward and again.scores["embedding"] == 0.25     # a stored label is kept
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def test_bulk_copy_in_chunks_is_one_transaction_and_a_repeated_key_scores_once(conn, monkeypatch):
+    from interp.store import bulk
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    monkeypatch.setattr(bulk, "LABEL_CHUNK", 2)             # several COPY + INSERT rounds on the writer thread
+    name, sid = make_sae(conn, {})
+    try:
+        rows = [ScoredLabel(i, f"label {i}", scores={"embedding": i / 10}) for i in range(5)]
+        rows.append(ScoredLabel(1, "label 1 again", scores={"embedding": 0.99}))     # same key: the first is kept
+        assert copy_labels(conn, sid, rows) == 6
+        stored = conn.execute("SELECT e.feature, e.label, s.value FROM explanations e JOIN scores s"
+                              " ON s.explanation_id = e.id WHERE e.sae_id = %s ORDER BY 1", (sid,)).fetchall()
+        assert [(f, label) for f, label, _ in stored] == [(i, f"label {i}") for i in range(5)]
+        assert [round(v, 2) for _, _, v in stored] == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+        def failing():
+            yield from (ScoredLabel(i, f"more {i}") for i in range(10, 15))
+            raise RuntimeError("the source broke")
+
+        with pytest.raises(RuntimeError, match="the source broke"):
+            copy_labels(conn, sid, failing())
+        count = conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sid,)).fetchone()[0]
+        assert count == 5                                    # nothing of the failed load was kept
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            copy_labels(conn, sid + 10_000, rows)            # the writer's error reaches the caller
+        bulk.vacuum_labels(conn)
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
 

@@ -6,6 +6,8 @@ which also writes their scores by joining back on the explanation's unique key.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -88,33 +90,123 @@ def _array(items) -> str:
     return "{" + ",".join('"' + str(x).replace("\\", "\\\\").replace('"', '\\"') + '"' for x in items) + "}"
 
 
-_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS stage_labels (feature int, label text, explainer text, prompt_version text,"
-          " is_baseline boolean, scorers text[], simulator text, vals real[], method text); TRUNCATE stage_labels")
+# The staging row's id is drawn from the explanations sequence as COPY writes it, so the scores join back to the
+# inserted labels on one bigint (a hash join) rather than on (feature, explainer, prompt_version) text columns,
+# and a key given twice in one load writes its scores once, from the row that was inserted. nextval is atomic,
+# so concurrent writers never get the same id; ids of rows that conflict are simply skipped.
+_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS stage_scored_labels (id bigint DEFAULT nextval('explanations_id_seq'),"
+          " feature int, label text, explainer text, prompt_version text, is_baseline boolean, scorers text[],"
+          " simulator text, vals real[], method text)")
+_COPY_STAGE = ("COPY stage_scored_labels (feature, label, explainer, prompt_version, is_baseline, scorers, simulator,"
+               " vals, method) FROM STDIN")
+_INSERT = (
+    "WITH ins AS (INSERT INTO explanations (id, sae_id, feature, explainer, prompt_version, label, is_baseline)"
+    " SELECT id, %s, feature, explainer, prompt_version, label, is_baseline FROM stage_scored_labels"
+    " ON CONFLICT DO NOTHING RETURNING id)"
+    " INSERT INTO scores (explanation_id, scorer, simulator, value, method)"
+    " SELECT s.id, u.scorer, s.simulator, u.value, s.method FROM ins JOIN stage_scored_labels s USING (id),"
+    " unnest(s.scorers, s.vals) AS u(scorer, value)")
+LABEL_CHUNK = 50_000    # labels per COPY + INSERT round: large enough to amortise each statement, small enough
+#                         that the next chunk's text is built while the server inserts this one
+
+
+class _Encoder:
+    """COPY text lines of ScoredLabels. Explainer, prompt version, simulator, method and the scorer names repeat
+    across millions of rows, so each distinct one is escaped once; only the label is escaped per row."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def esc(self, value) -> str:
+        out = self.cache.get(value)
+        if out is None:
+            out = self.cache[value] = _text(_array(value) if isinstance(value, tuple) else value)
+        return out
+
+    def lines(self, rows: list[ScoredLabel]) -> str:
+        e = self.esc
+        return "".join(
+            f"{r.feature}\t{_text(r.label)}\t{e(r.explainer)}\t{e(r.prompt_version)}\t{'t' if r.is_baseline else 'f'}"
+            f"\t{e(tuple(r.scores))}\t{e(r.simulator)}\t{{{','.join(map(repr, map(float, r.scores.values())))}}}"
+            f"\t{e(r.method)}\n" for r in rows)
 
 
 def copy_labels(conn: psycopg.Connection, sid: int, rows: Iterable[ScoredLabel]) -> int:
-    """Labels and their scores; a label already stored under its unique key is kept as it is (so are its
-    scores). Returns the labels read."""
-    conn.execute(_STAGE)
-    n = 0
-    with conn.cursor().copy("COPY stage_labels FROM STDIN") as cp:
-        for chunk in _chunks(rows):
-            cp.write("".join(
-                f"{r.feature}\t{_text(r.label)}\t{_text(r.explainer)}\t{_text(r.prompt_version)}\t"
-                f"{'t' if r.is_baseline else 'f'}\t{_text(_array(r.scores))}\t{_text(r.simulator)}\t"
-                f"{{{','.join(repr(float(v)) for v in r.scores.values())}}}\t{_text(r.method)}\n" for r in chunk))
+    """Labels and their scores, in one transaction; a label already stored under its unique key is kept as it
+    is (so are its scores). Returns the labels read.
+
+    Two cores' worth of work: this thread turns rows into COPY text (Python, holding the GIL) while a second
+    thread sends the previous chunk and runs its INSERT (psycopg waits on the socket without the GIL, and the
+    server does the inserting), so the load takes about the longer of the two, not their sum."""
+    writer = _Writer(conn, sid)
+    writer.start()
+    n, enc = 0, _Encoder()
+    try:
+        for chunk in _chunks(rows, LABEL_CHUNK):
+            if writer.failure:
+                break
+            writer.chunks.put(enc.lines(chunk))
             n += len(chunk)
-    with conn.transaction():
-        conn.execute(
-            "WITH ins AS (INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label, is_baseline)"
-            " SELECT %s, feature, explainer, prompt_version, label, is_baseline FROM stage_labels"
-            " ON CONFLICT DO NOTHING RETURNING id, feature, explainer, prompt_version)"
-            " INSERT INTO scores (explanation_id, scorer, simulator, value, method)"
-            " SELECT ins.id, u.scorer, s.simulator, u.value, s.method FROM ins"
-            " JOIN stage_labels s USING (feature, explainer, prompt_version),"
-            " unnest(s.scorers, s.vals) AS u(scorer, value)", (sid,))
-        conn.execute("TRUNCATE stage_labels")
+    except BaseException:
+        writer.chunks.put(_ABORT)      # the rows failed: roll back what was inserted
+        raise
+    finally:
+        writer.chunks.put(None)
+        writer.join()
+    if writer.failure:
+        raise writer.failure[0]
     return n
+
+
+_ABORT = object()
+
+
+class _Abort(Exception):
+    pass
+
+
+class _Writer(threading.Thread):
+    """COPYs each chunk of text into the staging table and inserts it, all in one transaction. On a failure it
+    keeps taking chunks (and drops them) until the end, so the producer never blocks on a full queue."""
+
+    def __init__(self, conn: psycopg.Connection, sid: int):
+        super().__init__(name="copy-labels", daemon=True)
+        self.conn, self.sid = conn, sid
+        self.chunks: queue.Queue = queue.Queue(maxsize=2)
+        self.failure: list[BaseException] = []
+        self.ended = False
+
+    def next_chunk(self):
+        item = self.chunks.get()
+        if item is _ABORT:
+            raise _Abort
+        self.ended = item is None
+        return item
+
+    def run(self) -> None:
+        try:
+            self.write()
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            self.failure.append(e)
+        while not self.ended:
+            self.ended = self.chunks.get() is None
+
+    def write(self) -> None:
+        conn = self.conn
+        with conn.transaction():
+            conn.execute(_STAGE)
+            # The staging table has no statistics, so the planner guesses millions of joined rows and JIT-compiles
+            # every chunk's INSERT: half a second a chunk of compiling for a plan that runs in a few seconds.
+            # And the join of a chunk's inserted ids to its staging rows stays in memory.
+            conn.execute("SELECT set_config('jit', 'off', true), set_config('work_mem', '128MB', true)")
+            while (text := self.next_chunk()) is not None:
+                conn.execute("TRUNCATE stage_scored_labels")
+                with conn.cursor().copy(_COPY_STAGE) as cp:
+                    cp.write(text)
+                conn.execute(_INSERT, (self.sid,))
+            conn.execute("TRUNCATE stage_scored_labels")
 
 
 # The label search indexes (as migrations 001 and 004 create them). A bulk load drops them and builds them after:
@@ -136,3 +228,13 @@ def create_search_indexes(conn: psycopg.Connection, maintenance_work_mem: str = 
     for ddl in SEARCH_INDEXES.values():
         conn.execute(ddl)
     conn.execute("ANALYZE explanations")
+
+
+def vacuum_labels(conn: psycopg.Connection) -> None:
+    """VACUUM (ANALYZE) the label tables after a bulk write, as autovacuum would do later (and never does where
+    it is off). Embedding labels in bulk rewrites every explanation row (its `embedded` flag), which leaves a
+    dead tuple per label and both GIN indexes with a full pending list and an entry for every dead tuple: until
+    a vacuum, every full-text and trigram search scans the pending list and walks twice the posting entries.
+    The connection must be in autocommit mode (VACUUM cannot run in a transaction)."""
+    for table in ("explanations", "scores", "label_embeddings"):
+        conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(table)))
