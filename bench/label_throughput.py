@@ -221,8 +221,8 @@ def main() -> None:
     stub_url = f"http://127.0.0.1:{port}/v1"
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     if a.chunk is None:
-        from interp.settings import get_settings
-        a.chunk = get_settings().job_chunk_size
+        from interp.settings import Settings
+        a.chunk = Settings().job_chunk_size      # not get_settings(): it would cache before the env below
     os.environ.update(JOB_QUEUE=queue, JOB_CHUNK_SIZE=str(a.chunk), OPENAI_BASE_URL=stub_url, OPENAI_API_KEY="bench",
                       LLM_CONCURRENCY=str(a.concurrency), JOB_WINDOW="4", PYTHONPATH=str(ROOT))
     env = dict(os.environ)
