@@ -63,6 +63,9 @@ def copy_features(conn: psycopg.Connection, sid: int, rows: Iterable[FeatureStat
             cp.write("".join(f"{sid}\t{f.idx}\t{f.density!r}\t{f.n_fired}\t{f.max_act!r}\t{f.mean_act!r}{tail}"
                              f"{f.max_act!r}\n" for f in chunk))
             n += len(chunk)
+    # planner statistics now, not at autovacuum's next visit (never, where it is off): a search joining a
+    # partition it believes empty scans it for every hit
+    conn.execute("ANALYZE features")
     return n
 
 

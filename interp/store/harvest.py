@@ -148,4 +148,7 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
             n["example_rows"] += len(example_groups(part)[0]) if len(part.examples) else 0
             del part   # the generator makes the next chunk while this reference would still hold the last
         n["contexts"] = len(seen)
+    # planner statistics now rather than at autovacuum's next visit: reads that join a partition the planner
+    # believes empty scan it whole
+    conn.execute("ANALYZE features, contexts, examples")
     return {"sae_id": sid, **n, "labels_kept": kept}
