@@ -17,7 +17,7 @@ import torch
 
 from sae.archs import SAEConfig, build
 from sae.corpus import iter_contexts
-from sae.harvest import HarvestConfig, HarvestState
+from sae.harvest import GroupedUpdates, HarvestConfig, HarvestState, group_tokens
 from sae.models import HookedModel, content_mask, load_model
 
 
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="contexts per forward")
     ap.add_argument("--ctx-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--group-tokens", type=int, default=None,
+                    help="tokens per state update (default: sae.harvest.group_tokens, as the harvest does)")
     ap.add_argument("--repeats", type=int, default=3, help="each side runs this often; the best time counts")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,10 +90,12 @@ def main() -> None:
     @torch.no_grad()
     def full_harvest():
         st = HarvestState(latents, L, HarvestConfig(), dev)
+        updates = GroupedUpdates(st, args.group_tokens if args.group_tokens is not None else group_tokens(dev))
         with autocast:
             for i, b in enumerate(batches):
                 vals, idx = sae.encode_sparse(hm.activations(b).flatten(0, 1))
-                st.update(torch.arange(i * batch, i * batch + len(b)), b, vals, idx, content_mask(b, tok))
+                updates.add(torch.arange(i * batch, i * batch + len(b)), b, vals, idx, content_mask(b, tok))
+        updates.flush()
         st.top.flush()
         st.res.flush()
         sync()

@@ -206,14 +206,16 @@ class SparseAutoencoder(nn.Module):
     # ---- weight maintenance ----
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
-        self.W_dec.data /= self.W_dec.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        W = self.W_dec.data
+        W /= torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self):
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(-1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        # vecdot and addcmul_ read each [n_latents, d] matrix once, with no product-sized temporaries
+        W, g = self.W_dec.data, self.W_dec.grad
+        g.addcmul_(torch.linalg.vecdot(g, W).unsqueeze(-1), W, value=-1)
 
     def calibrate(self, sample: torch.Tensor) -> None:
         """Data-dependent initialisation from a sample of (scaled) training inputs, after b_dec is set."""

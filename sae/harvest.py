@@ -515,18 +515,19 @@ class HarvestState:
             bin_hash = torch.where(valid, (qbin << 33) + hashes, torch.full_like(hashes, 1 << 62))
             bin_hash, order = bin_hash.sort(dim=1, stable=True)
             sorted_keys = key.gather(1, order)
-            dup = torch.zeros_like(valid)
-            dup[:, 1:] = (bin_hash[:, 1:] == bin_hash[:, :-1]) & (sorted_keys[:, 1:] == sorted_keys[:, :-1])
+            # `same`, not `dup`: the duplicate contexts are needed again by the next chunk of features
+            same = torch.zeros_like(valid)
+            same[:, 1:] = (bin_hash[:, 1:] == bin_hash[:, :-1]) & (sorted_keys[:, 1:] == sorted_keys[:, :-1])
             sorted_bins = bin_hash >> 33
             starts_bin = torch.ones_like(valid)
             starts_bin[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
             position = torch.arange(bin_hash.shape[1], device=bin_hash.device).expand_as(bin_hash)
             bin_start = torch.where(starts_bin, position, torch.zeros_like(position)).cummax(1).values
             # rank among non-duplicates: duplicates are adjacent, so subtract the ones before in the bin
-            dups_before = torch.cumsum(dup.long(), 1)
+            dups_before = torch.cumsum(same.long(), 1)
             dups_before_bin = dups_before.gather(1, bin_start)
             rank = position - bin_start - (dups_before - dups_before_bin)
-            chosen = (bin_hash < (1 << 62)) & ~dup & (rank < cfg.per_bin)
+            chosen = (bin_hash < (1 << 62)) & ~same & (rank < cfg.per_bin)
             row, col = chosen.nonzero(as_tuple=True)
             slot = order[row, col]      # into [reservoir entries, top entries]
             res_cap = self.res.cap
@@ -677,6 +678,38 @@ def shard_batches(contexts: Iterator[list[int]], n_contexts: int, batch_size: in
         yield torch.arange(c + 1 - len(buf), c + 1), torch.tensor(buf, dtype=torch.long)
 
 
+class GroupedUpdates:
+    """Hands forward batches to HarvestState.update a group at a time. One update launches some hundreds of
+    kernels and waits on the device about a hundred times whatever its size: on an H200, a 4,096-token update
+    took 12.9 ms of which the GPU worked 1.6, so a GPU harvest groups 64 k tokens per update. The state is
+    the same however the batches are grouped (tested), so grouping is only a matter of speed."""
+
+    def __init__(self, state: "HarvestState", min_tokens: int):
+        self.state, self.min_tokens = state, min_tokens
+        self.parts: list[tuple] = []
+        self.n = 0
+
+    def add(self, ids, tokens, vals, idx, mask=None) -> None:
+        self.parts.append((ids, tokens, vals, idx, mask))
+        self.n += tokens.numel()
+        if self.n >= self.min_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        ids, tokens, vals, idx, masks = zip(*self.parts)
+        mask = None if masks[0] is None else torch.cat(masks)
+        self.state.update(torch.cat(ids), torch.cat(tokens), torch.cat(vals), torch.cat(idx), mask)
+        self.parts, self.n = [], 0
+
+
+def group_tokens(device: torch.device) -> int:
+    """Tokens per HarvestState.update: many on a GPU (see GroupedUpdates), one forward batch on the CPU,
+    where an update's fixed cost is small beside its work."""
+    return 65_536 if device.type == "cuda" else 0
+
+
 def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = None, batch_size: int = 16,
             shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
     """Streams `tokens` tokens of `corpus` (this shard's part), in contexts of cfg.ctx_len tokens, through model
@@ -698,16 +731,19 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
     state = HarvestState(sae.cfg.n_latents, ctx_len, cfg, dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     mine = n_ctx * ctx_len // shard[1]
+    updates = GroupedUpdates(state, group_tokens(dev))
     t0 = time.perf_counter()
     with tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False) as bar:
         for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
             with autocast:
                 x = hooked.activations(tok).flatten(0, 1)
                 vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
-            state.update(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
+            updates.add(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
             bar.update(tok.numel())
-            bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
-                            tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+            if not updates.parts:  # the state has just taken a group
+                bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
+                                tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+        updates.flush()
     if state.n_tokens == 0:
         raise InputError(f"shard {shard[0]}/{shard[1]} got no contexts of corpus {corpus!r}: "
                          f"give more --tokens (at least {shard[1] * batch_size * ctx_len}) or fewer shards")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sae.errors import InputError
-from sae.harvest import HarvestConfig, HarvestState, keyhash, logit_tokens, parse_shard, shard_batches
+from sae.harvest import GroupedUpdates, HarvestConfig, HarvestState, keyhash, logit_tokens, parse_shard, shard_batches
 
 F, L, B, M = 40, 16, 6, 5
 CFG = HarvestConfig(top_k=6, window=8, n_bins=4, per_bin=2, n_random=3, reservoir=12, pool=12, hist_bins=10)
@@ -166,6 +166,35 @@ def test_duplicates_drop_the_same_contexts_in_shards():
     assert merged.duplicates_dropped == full.duplicates_dropped > 0
     for k in want.examples.__dataclass_fields__:
         np.testing.assert_array_equal(getattr(got.examples, k), getattr(want.examples, k), err_msg=k)
+
+
+def test_the_result_does_not_depend_on_how_many_feature_rows_are_finalised_at_once(monkeypatch):
+    """The quantile pass walks the features in chunks; each chunk must see the same duplicate contexts
+    (a chunk once overwrote them with its own mask, which CUDA refused and the CPU silently misread)."""
+    st = run_duplicated(range(24))
+    want = st.result()
+    monkeypatch.setattr("sae.harvest.FEATURE_CHUNK", 7)
+    got = st.result()
+    assert st.duplicates_dropped > 0
+    for k in want.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got.examples, k), getattr(want.examples, k), err_msg=k)
+
+
+def test_grouping_batches_into_one_update_changes_nothing(full):
+    st = HarvestState(F, L, CFG)
+    updates = GroupedUpdates(st, min_tokens=5 * B * L)   # groups of 5, then a last group of 4
+    for bi in range(24):
+        updates.add(*synthetic_batch(bi))
+    assert len(updates.parts) == 4
+    updates.flush()
+    assert not updates.parts
+    got = st.result()
+    assert st.n_tokens == 24 * B * L
+    for k in full.examples.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got.examples, k), getattr(full.examples, k), err_msg=k)
+    np.testing.assert_array_equal(got.max_act, full.max_act)
+    for k in ("density", "mean_act", "hist"):
+        np.testing.assert_array_equal(getattr(got, k), getattr(full, k), err_msg=k)
 
 
 def test_random_examples_never_fire(full):
