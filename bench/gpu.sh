@@ -5,6 +5,10 @@
 #    latents, k=32 at 8,192 tokens/step; d=4096 with 131,072 latents, k=64 at 4,096 tokens/step), with FVU
 #    after the same steps and peak memory. Goal: >= 2x sparsify's tokens/s at equal FVU.
 # 2. harvest_speed --gpu: a GPT-2-sized model, 131,072 latents. Goal: harvest <= 1.25x the bare forward.
+# On a machine with no package registry, carry eai-sparsify and its pure-Python needs as wheels: here,
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d WHEELS eai-sparsify==1.3.3 natsort \
+#         simple-parsing docstring-parser
+# there, `pip install --no-deps --target /tmp/site WHEELS/*.whl` and PYTHONPATH=/tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

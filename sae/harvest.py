@@ -103,12 +103,19 @@ def _row_order(P: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return o.gather(1, P.gather(1, o).sort(dim=1, stable=True).indices)
 
 
+def _run_start(start: torch.Tensor) -> torch.Tensor:
+    """For a flat bool `start` (True where a run begins, start[0] True): the index where each entry's run
+    begins. A cumsum and a gather rather than a cummax of the start positions: CUDA's cummax scan took 14 ms
+    over 2 M entries on an H200."""
+    first = start.nonzero().squeeze(1)
+    return first[start.cumsum(0) - 1]
+
+
 def _ranks(seg: torch.Tensor) -> torch.Tensor:
     """Each entry's position inside its run of equal values in the sorted seg."""
     start = torch.ones_like(seg, dtype=torch.bool)
     start[1:] = seg[1:] != seg[:-1]
-    pos = torch.arange(seg.numel(), device=seg.device)
-    return pos - torch.where(start, pos, torch.zeros_like(pos)).cummax(0).values
+    return torch.arange(seg.numel(), device=seg.device) - _run_start(start)
 
 
 class _Bank:
@@ -522,7 +529,9 @@ class HarvestState:
             starts_bin = torch.ones_like(valid)
             starts_bin[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
             position = torch.arange(bin_hash.shape[1], device=bin_hash.device).expand_as(bin_hash)
-            bin_start = torch.where(starts_bin, position, torch.zeros_like(position)).cummax(1).values
+            width = bin_hash.shape[1]     # each row starts a run, so runs of the flattened rows stay in their row
+            row_at = torch.arange(0, bin_hash.numel(), width, device=bin_hash.device)[:, None]
+            bin_start = _run_start(starts_bin.flatten()).view_as(position) - row_at
             # rank among non-duplicates: duplicates are adjacent, so subtract the ones before in the bin
             dups_before = torch.cumsum(same.long(), 1)
             dups_before_bin = dups_before.gather(1, bin_start)
@@ -681,7 +690,8 @@ def shard_batches(contexts: Iterator[list[int]], n_contexts: int, batch_size: in
 class GroupedUpdates:
     """Hands forward batches to HarvestState.update a group at a time. One update launches some hundreds of
     kernels and waits on the device about a hundred times whatever its size: on an H200, a 4,096-token update
-    took 12.9 ms of which the GPU worked 1.6, so a GPU harvest groups 64 k tokens per update. The state is
+    took 12.9 ms of which the GPU worked 1.6, so a GPU harvest groups 16 k tokens per update (64 k measured
+    no better on the GPU benchmark, bench/README.md). The state is
     the same however the batches are grouped (tested), so grouping is only a matter of speed."""
 
     def __init__(self, state: "HarvestState", min_tokens: int):
@@ -707,7 +717,7 @@ class GroupedUpdates:
 def group_tokens(device: torch.device) -> int:
     """Tokens per HarvestState.update: many on a GPU (see GroupedUpdates), one forward batch on the CPU,
     where an update's fixed cost is small beside its work."""
-    return 65_536 if device.type == "cuda" else 0
+    return 16_384 if device.type == "cuda" else 0
 
 
 def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = None, batch_size: int = 16,
