@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from sae.errors import InputError, first_line
 
@@ -65,3 +66,14 @@ def migrate(conn: psycopg.Connection, folder: Path = MIGRATIONS) -> list[str]:
             conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
         applied.append(name)
     return applied
+
+
+def analyze_partitions(conn: psycopg.Connection, sae: int, tables: tuple[str, ...]) -> None:
+    """ANALYZE the hash partition of each table that holds the SAE's rows. ANALYZE of a partitioned parent
+    samples every partition of every SAE: 8.5 s of a 26 s load of 100 k features, with four other SAEs stored."""
+    for table in tables:
+        row = conn.execute(sql.SQL("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                   " WHERE c.oid = (SELECT tableoid FROM {} WHERE sae_id = %s LIMIT 1)")
+                           .format(sql.Identifier(table)), (sae,)).fetchone()
+        if row:
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(*row)))

@@ -107,6 +107,15 @@ def test_written_features_read_back_as_harvested(conn, names, harvested):
         load_feature_examples(conn, name, 500)
 
 
+def test_a_write_leaves_planner_statistics_on_the_partitions_it_filled(conn, names, harvested):
+    sae, hm, res = harvested
+    sid = _write(conn, names(), sae, hm, res)["sae_id"]
+    for table in ("features", "contexts", "examples"):
+        part = conn.execute(f"SELECT tableoid::regclass::text FROM {table} WHERE sae_id = %s LIMIT 1", (sid,)).fetchone()[0]
+        n = conn.execute(f"SELECT count(*) FROM {part}").fetchone()[0]
+        assert conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (part,)).fetchone()[0] == n
+
+
 def test_existing_name_needs_replace_and_replace_swaps_everything(conn, names, harvested):
     sae, hm, res = harvested
     name = names()
@@ -118,6 +127,16 @@ def test_existing_name_needs_replace_and_replace_swaps_everything(conn, names, h
     for table in ("features", "examples", "contexts"):
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE sae_id = %s", (first["sae_id"],)).fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM features WHERE sae_id = %s", (second["sae_id"],)).fetchone()[0] == 128
+
+
+def test_deleting_saes_deletes_their_catalog_rows_and_no_others(conn, names, harvested):
+    sae, hm, res = harvested
+    a, b, keep = (_write(conn, names(), sae, hm, res)["sae_id"] for _ in range(3))
+    conn.execute("DELETE FROM saes WHERE id = ANY(%s)", ([a, b],))
+    for table in ("features", "examples", "contexts"):
+        left = dict(conn.execute(f"SELECT sae_id, count(*) FROM {table} WHERE sae_id = ANY(%s) GROUP BY sae_id",
+                                 ([a, b, keep],)).fetchall())
+        assert set(left) == {keep}, table
 
 
 def test_writing_in_feature_chunks_equals_writing_the_whole_result(conn, names, sae_dir):

@@ -32,10 +32,12 @@ def _reference_join(parts, lengths, n_rows):
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 23])
-def test_join_matches_a_plain_byte_join_at_any_chunk_size(chunk):
+@pytest.mark.parametrize("unit", [1, 2, 4, 8])
+def test_join_matches_a_plain_byte_join_at_any_chunk_size(chunk, unit):
+    """`unit`: every segment a multiple of it, so the join moves 1, 2, 4 or 8 bytes at a time."""
     rng = np.random.default_rng(chunk)
     n = 50
-    lengths = [rng.integers(0, 9, n), np.full(n, 4), rng.integers(0, 30, n)]
+    lengths = [rng.integers(0, 9, n) * unit, np.full(n, 4 * unit), rng.integers(0, 30, n) * unit]
     parts = [rng.integers(0, 256, int(np.sum(x)), dtype=np.uint8) for x in lengths]
     got, per_row = pgbinary._join(parts, lengths, n, chunk=chunk)
     want, want_rows = _reference_join(parts, lengths, n)

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from interp import pgbinary
+from interp.db import analyze_partitions
 from interp.pgbinary import Col
 from sae.harvest import KINDS, SPLITS, HarvestResult
 
@@ -86,7 +88,9 @@ def context_blocks(res: HarvestResult, sid: int, block: int = 65536, skip: set[i
 
 
 def _copy(cur, table: str, blocks) -> None:
-    with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as cp:
+    # the queued writer sends on a thread of its own, so the server ingests one block while numpy encodes
+    # the next (with the plain writer the two took turns)
+    with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)", writer=QueuedLibpqWriter(cur)) as cp:
         cp.write(pgbinary.HEADER)
         for data in blocks:
             cp.write(data)
@@ -150,5 +154,5 @@ def write_harvest(conn: psycopg.Connection, name: str, meta: SAEMeta,
         n["contexts"] = len(seen)
     # planner statistics now rather than at autovacuum's next visit: reads that join a partition the planner
     # believes empty scan it whole
-    conn.execute("ANALYZE features, contexts, examples")
+    analyze_partitions(conn, sid, ("features", "contexts", "examples"))
     return {"sae_id": sid, **n, "labels_kept": kept}
