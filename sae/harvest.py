@@ -129,7 +129,7 @@ class _Bank:
     `cap` and merges them into the rows they touch, and only those: its cost follows the candidates, not the
     number of features. The buffer is bounded in bytes, so memory is the rows plus a constant."""
 
-    BUFFER_BYTES = 1 << 28
+    BUFFER_BYTES = 1 << 27
 
     def __init__(self, n: int, cap: int, width: int, prim_dtype: torch.dtype, empty, device,
                  scale_is_val: bool = False):

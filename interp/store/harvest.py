@@ -40,7 +40,7 @@ def example_groups(res: HarvestResult) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([[0], cuts]).astype(np.int64), np.concatenate([cuts, [len(ex)]]).astype(np.int64)
 
 
-def example_blocks(res: HarvestResult, sid: int, block: int = 65536):
+def example_blocks(res: HarvestResult, sid: int, block: int = 16384):
     """Binary COPY data for the examples table, `block` rows at a time: one row per (feature, kind, split),
     the examples of that group packed into arrays."""
     ex = res.examples
