@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import psycopg
-from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from interp import pgbinary
@@ -88,9 +87,7 @@ def context_blocks(res: HarvestResult, sid: int, block: int = 65536, skip: set[i
 
 
 def _copy(cur, table: str, blocks) -> None:
-    # the queued writer sends on a thread of its own, so the server ingests one block while numpy encodes
-    # the next (with the plain writer the two took turns)
-    with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)", writer=QueuedLibpqWriter(cur)) as cp:
+    with cur.copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as cp:
         cp.write(pgbinary.HEADER)
         for data in blocks:
             cp.write(data)
