@@ -230,6 +230,7 @@ def outcome(result: LabelResult, scorers: list[str]) -> FeatureOutcome:
 
 
 _POOLS: dict[int, object] = {}
+LOADS_AHEAD = 2     # batches of a chunk loading from Postgres at once
 
 
 def pool():
@@ -303,11 +304,14 @@ async def _label_leased(job_id: int, job: jobs.JobRef, feats: list[int]) -> int:
 
     s = get_settings()
     p, stop = job.params, asyncio.Event()
+    # two loads at a time, in batch order: they keep ahead of the calls, and the chunk's first calls go out after
+    # the first load instead of after them all (every load thread takes the GIL from the loop)
+    loads = asyncio.Semaphore(LOADS_AHEAD)
     batches = [feats[i:i + s.job_batch] for i in range(0, len(feats), s.job_batch)]
     renewer = asyncio.create_task(_renew(job_id, job.sae_id, feats))
     try:
         async with limited_clients([p.explainer, p.simulator or p.explainer]) as clients:
-            done = await asyncio.gather(*(_batch(job_id, job, b, clients, stop) for b in batches))
+            done = await asyncio.gather(*(_batch(job_id, job, b, clients, stop, loads) for b in batches))
     finally:
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -315,11 +319,13 @@ async def _label_leased(job_id: int, job: jobs.JobRef, feats: list[int]) -> int:
     return sum(done)
 
 
-async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict, stop: asyncio.Event) -> int:
+async def _batch(job_id: int, job: jobs.JobRef, feats: list[int], clients: dict, stop: asyncio.Event,
+                 loads: asyncio.Semaphore) -> int:
     from .scorers import label_features
 
     p = job.params
-    fes, outcomes = await asyncio.to_thread(with_db, _load, p, feats)
+    async with loads:
+        fes, outcomes = await asyncio.to_thread(with_db, _load, p, feats)
     if stop.is_set():
         await asyncio.to_thread(with_db, jobs.release, job_id, job.sae_id, feats)
         return 0

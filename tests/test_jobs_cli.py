@@ -3,6 +3,8 @@ process (no worker): bad input writes no row, reruns do only what is missing, su
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import pytest
@@ -265,3 +267,32 @@ def test_the_window_bounds_the_chunks_in_flight(conn, sae, env):
     sent = []
     run_chunk(job.job_id, 0, 9, sent.extend)
     assert [(c.first, c.last) for c in sent] == [(20, 29)] and in_flight() == 2
+
+
+def test_a_chunk_loads_two_batches_at_a_time_and_calls_before_the_last_load(conn, sae, env, stub, monkeypatch):
+    from interp import labelling
+
+    monkeypatch.setenv("JOB_CHUNK_SIZE", "30")
+    monkeypatch.setenv("JOB_BATCH", "1")
+    get_settings.cache_clear()
+    loading, most, starts, real, lock = [0], [0], [], labelling._load, threading.Lock()
+
+    def counted(*args):         # the real load, timed and counted (loads run in threads)
+        with lock:
+            starts.append(time.monotonic())
+            loading[0] += 1
+            most[0] = max(most[0], loading[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                loading[0] -= 1
+
+    monkeypatch.setattr(labelling, "_load", counted)
+    job = queue_job(conn, LabelRequest(sae=sae, features="0:30", explainer="openai:loads", simulator="openai:stub",
+                                       scorers=("detection",)), broker_app())
+    calls_before = len(stub.request_times)
+    assert run_all(job.job_id, 0, 29) == 30
+    assert most[0] <= labelling.LOADS_AHEAD and len(starts) == 30
+    # the pipeline starts on the first batch, not once the whole chunk is in memory
+    assert stub.request_times[calls_before] < starts[-1]
