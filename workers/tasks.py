@@ -12,7 +12,7 @@ import random
 import threading
 from functools import partial
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
 from interp import harvest_queue, labelling
 from interp.settings import get_settings
@@ -57,3 +57,9 @@ def _start_sweeper(**_) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(**_) -> None:
     _stop.set()
+    labelling.close_loop()      # the solo pool's chunks ran in this process
+
+
+@worker_process_shutdown.connect
+def _close_loop(**_) -> None:
+    labelling.close_loop()      # a prefork child's
