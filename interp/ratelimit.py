@@ -22,6 +22,7 @@ from .settings import get_settings
 log = logging.getLogger(__name__)
 _PREFIX = "interp:ratelimit"
 COOLDOWN_READ_S = 0.1
+COOLDOWN_TRUST_S = 1.0      # a cool-down read this recently lets calls go on while the next read is in flight
 
 
 def estimate_tokens(messages: list[dict], max_tokens: int) -> int:
@@ -65,16 +66,20 @@ class FleetLimiter:
             log.warning("rate limiter unavailable (%s); calling %s without the shared limit", str(e)[:120], endpoint)
 
     async def _wait_cooldown(self, endpoint: str) -> None:
-        # the shared key is read at most every COOLDOWN_READ_S per process, by one read that every waiting call
-        # shares: a round trip to Redis per call would cost a worker as much CPU as the call itself; a 429
-        # elsewhere reaches this process that much later
+        # the shared key is read at most every COOLDOWN_READ_S per process, by one read that every call shares: a
+        # round trip to Redis per call would cost a worker as much CPU as the call itself. Calls wait for that read
+        # only when nothing was read within COOLDOWN_TRUST_S: had they all waited for each read, the calls of
+        # every 100 ms would go out together, in waves that leave the endpoint idle between them. A 429
+        # elsewhere reaches this process up to COOLDOWN_READ_S and a round trip later.
         now = time.time()
         read_at, until = self._seen.get(endpoint, (0.0, 0.0))
         if now - read_at > COOLDOWN_READ_S:
             read = self._reads.get(endpoint)
             if read is None or read.done():
                 read = self._reads[endpoint] = asyncio.ensure_future(self._read_cooldown(endpoint))
-            until = await read
+                read.add_done_callback(_retrieved)
+            if now - read_at > COOLDOWN_TRUST_S:
+                until = await read
         if until > now:
             await self._sleep(until - now)
 
@@ -112,6 +117,13 @@ class FleetLimiter:
             with contextlib.suppress(Exception):
                 await t
         await self._redis.aclose()
+
+
+def _retrieved(read: asyncio.Future) -> None:
+    """A read nobody waited for may fail (Redis down) without asyncio's "exception never retrieved": the next call
+    that waits for a read reports it."""
+    if not read.cancelled():
+        read.exception()
 
 
 def endpoint_of(client) -> str:

@@ -77,6 +77,34 @@ def test_a_429_cools_the_whole_fleet_down(retry_after, at_least):
     assert waited >= at_least and again < 0.2
 
 
+def test_calls_go_on_while_a_cooldown_read_is_in_flight_and_the_next_ones_see_it():
+    """A call that finds the last cool-down read older than COOLDOWN_READ_S (but within COOLDOWN_TRUST_S) does not
+    wait for the next read (calls queued behind each read went out in waves); the read it starts brings another
+    worker's 429 to the calls after it."""
+    from interp.ratelimit import COOLDOWN_READ_S
+
+    async def timed(coro) -> float:
+        t = time.monotonic()
+        await coro
+        return time.monotonic() - t
+
+    async def go():
+        a, b = FleetLimiter(REDIS, 0, 0, cooldown_s=0.7), FleetLimiter(REDIS, 0, 0, cooldown_s=0.7)
+        ep = endpoint()
+        await b.acquire(ep, 1)                      # b has read the key: no cool-down
+        a.rate_limited(ep, 1.0)
+        await asyncio.sleep(COOLDOWN_READ_S + 0.05)    # a's key is written; b's last read is stale, but recent
+        went = await timed(b.acquire(ep, 1))
+        await asyncio.sleep(0.05)                   # the read that call started has landed
+        waited = await timed(b.acquire(ep, 1))
+        await a.close()
+        await b.close()
+        return went, waited
+
+    went, waited = asyncio.run(go())
+    assert went < 0.05 and waited >= 0.6
+
+
 def test_redis_unreachable_means_unlimited_not_stuck():
     async def go():
         lim = FleetLimiter("redis://127.0.0.1:9/0", rpm=1, tpm=0, cooldown_s=1)
