@@ -78,6 +78,28 @@ def test_trigram_arm_finds_the_typo(conn, sae):
     assert store.trigram_arm(conn, "!!! %% __", flt) == []     # no trigram: the arm is skipped, not a full scan
 
 
+def test_every_label_write_adds_its_words_for_the_trigram_arm(conn):
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    name, sid = make_sae(conn, {0: ("Quokkas sunbathing", 0.1, {})})
+    try:
+        def explanation(label, failure=None):
+            return Explanation(sae=name, index=1, label=label, failure=failure, explainer="openai:stub",
+                               prompt_version="explain-v1")
+
+        upsert_explanation(conn, sid, explanation(None, failure="error: timeout"))
+        upsert_explanation(conn, sid, explanation("numbats foraging"))       # the failure replaced: an UPDATE
+        copy_labels(conn, sid, [ScoredLabel(2, "wombat-burrows,\tdeep")])   # one INSERT of the load adds them
+        expect = {"quokkas", "sunbathing", "numbats", "foraging", "wombat", "burrows", "deep"}
+        assert {w for (w,) in conn.execute("SELECT word FROM label_words WHERE word = ANY(%s)",
+                                           (list(expect),))} == expect
+        flt = store.Filters(sae_id=sid)
+        assert arm_labels(conn, store.trigram_arm(conn, "numbat foragin", flt)) == ["numbats foraging"]
+        assert arm_labels(conn, store.trigram_arm(conn, "wombat burows", flt)) == ["wombat-burrows,\tdeep"]
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
 def test_hybrid_search_finds_text_typo_and_synonym(conn, sae, index_dir):
     name = sae[0]
     assert labels_of(search(conn, "suspension bridge", sae=name, index_dir=index_dir))[0] == LABELS[0][0]
@@ -299,3 +321,4 @@ def test_a_corrupt_index_file_is_rebuilt_from_postgres(conn, index_dir):
         assert labels_of(hits) == ["volcanic eruptions and lava"] and notes == []
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+

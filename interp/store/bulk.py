@@ -212,11 +212,9 @@ class _Writer(threading.Thread):
             conn.execute("TRUNCATE stage_scored_labels")
 
 
-# The label search indexes (as migrations 001 and 004 create them). A bulk load drops them and builds them after:
+# The label search index on explanations (as migration 004 creates it). A bulk load drops it and builds it after:
 # one sorted build is several times faster than maintaining a GIN index row by row.
 SEARCH_INDEXES = {
-    "explanations_label_trgm": "CREATE INDEX IF NOT EXISTS explanations_label_trgm ON explanations"
-                               " USING gin (label gin_trgm_ops)",
     "explanations_label_tsv": "CREATE INDEX IF NOT EXISTS explanations_label_tsv ON explanations USING gin (label_tsv)",
 }
 
@@ -236,8 +234,9 @@ def create_search_indexes(conn: psycopg.Connection, maintenance_work_mem: str = 
 def vacuum_labels(conn: psycopg.Connection) -> None:
     """VACUUM (ANALYZE) the label tables after a bulk write, as autovacuum would do later (and never does where
     it is off). Embedding labels in bulk rewrites every explanation row (its `embedded` flag), which leaves a
-    dead tuple per label and both GIN indexes with a full pending list and an entry for every dead tuple: until
-    a vacuum, every full-text and trigram search scans the pending list and walks twice the posting entries.
+    dead tuple per label and the full-text GIN index with a full pending list and an entry for every dead tuple:
+    until a vacuum, every full-text and trigram search scans the pending list and walks twice the posting
+    entries.
     The connection must be in autocommit mode (VACUUM cannot run in a transaction)."""
-    for table in ("explanations", "scores", "label_embeddings"):
+    for table in ("explanations", "scores", "label_embeddings", "label_words"):
         conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(table)))
