@@ -89,7 +89,7 @@ def test_every_label_write_adds_its_words_for_the_trigram_arm(conn):
 
         upsert_explanation(conn, sid, explanation(None, failure="error: timeout"))
         upsert_explanation(conn, sid, explanation("numbats foraging"))       # the failure replaced: an UPDATE
-        copy_labels(conn, sid, [ScoredLabel(2, "wombat-burrows,\tdeep")])   # one INSERT of the load adds them
+        copy_labels(conn, sid, [ScoredLabel(2, "wombat-burrows,\tdeep")])   # words added at the end of the load
         expect = {"quokkas", "sunbathing", "numbats", "foraging", "wombat", "burrows", "deep"}
         assert {w for (w,) in conn.execute("SELECT word FROM label_words WHERE word = ANY(%s)",
                                            (list(expect),))} == expect
