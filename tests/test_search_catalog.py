@@ -322,3 +322,34 @@ def test_a_corrupt_index_file_is_rebuilt_from_postgres(conn, index_dir):
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
 
+
+def scores_key(conn):
+    return conn.execute("SELECT oid, convalidated FROM pg_constraint WHERE contype = 'f'"
+                        " AND conrelid = 'scores'::regclass AND confrelid = 'explanations'::regclass").fetchall()
+
+
+def test_a_load_into_an_empty_catalog_checks_the_scores_key_once_at_the_end(fresh_db):
+    from interp.db import connect, migrate
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    with connect(fresh_db) as conn:
+        migrate(conn)
+        sid = create_sae(conn, "empty", SAEMeta(model="m", layer=0, site="resid", d_in=1, n_features=9, arch="topk"))
+        before = scores_key(conn)
+
+        def failing():
+            yield ScoredLabel(0, "first", scores={"embedding": 0.5})
+            raise RuntimeError("the source broke")
+
+        with pytest.raises(RuntimeError, match="the source broke"):
+            copy_labels(conn, sid, failing())
+        assert scores_key(conn) == before                   # dropped and rolled back with the load
+        assert copy_labels(conn, sid, [ScoredLabel(i, f"label {i}", scores={"embedding": i / 10, "detection": 0.5})
+                                       for i in range(3)]) == 3
+        after = scores_key(conn)
+        assert len(after) == 1 and after[0][1] and after[0][0] != before[0][0]     # added back, checked
+        assert conn.execute("SELECT count(*) FROM scores").fetchone()[0] == 6
+        copy_labels(conn, sid, [ScoredLabel(5, "into a catalog in use", scores={"embedding": 0.1})])
+        assert scores_key(conn) == after                    # not empty: the key stayed and checked each row
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("INSERT INTO scores (explanation_id, scorer, simulator) VALUES (-1, 'x', 'y')")
