@@ -7,17 +7,23 @@
 -- cost grew with the catalog (97 ms p95 at 1 M labels). A catalog's vocabulary is a few thousand to a few
 -- hundred thousand words whatever its size: the query's words are matched against it, and the labels holding a
 -- similar word are then found through the full-text index by that word's english lexeme.
-CREATE TABLE IF NOT EXISTS label_words (word text PRIMARY KEY);
+--
+-- No unique key: with one, a transaction adding a word waits for any other that added it and has not committed,
+-- and two label writers adding each other's new words in different statements of their transactions (a worker
+-- stores a batch of labels in one) would deadlock. Two transactions adding one new word at the same moment store
+-- it twice, which the lookup does not mind.
+CREATE TABLE IF NOT EXISTS label_words (word text NOT NULL);
+CREATE INDEX IF NOT EXISTS label_words_word ON label_words (word);
 CREATE INDEX IF NOT EXISTS label_words_trgm ON label_words USING gist (word gist_trgm_ops);
 
 CREATE OR REPLACE FUNCTION label_words_of(t text) RETURNS SETOF text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT w FROM regexp_split_to_table(lower(t), '[^[:alnum:]]+') w WHERE w <> ''
 $$;
 
--- Sorted, so two transactions adding the same new words take their index locks in the same order (no deadlock).
 CREATE OR REPLACE FUNCTION add_label_words(texts text[]) RETURNS void LANGUAGE sql AS $$
     INSERT INTO label_words (word)
-    SELECT DISTINCT w FROM unnest(texts) t, label_words_of(t) w ORDER BY 1 ON CONFLICT DO NOTHING
+    SELECT DISTINCT w FROM unnest(texts) t, label_words_of(t) w
+    WHERE NOT EXISTS (SELECT 1 FROM label_words x WHERE x.word = w)
 $$;
 
 -- Every insert adds its labels' words, once per statement (a bulk INSERT ... SELECT splits its labels in one
@@ -48,7 +54,8 @@ CREATE TRIGGER explanations_words_upd AFTER UPDATE OF label ON explanations
     EXECUTE FUNCTION label_words_updated();
 
 INSERT INTO label_words (word)
-SELECT DISTINCT w FROM explanations e, label_words_of(e.label) w WHERE e.label IS NOT NULL ON CONFLICT DO NOTHING;
+SELECT DISTINCT w FROM explanations e, label_words_of(e.label) w WHERE e.label IS NOT NULL
+EXCEPT SELECT word FROM label_words;
 
 -- Nothing searches the labels' own trigrams any more; the index only slowed every label write.
 DROP INDEX IF EXISTS explanations_label_trgm;

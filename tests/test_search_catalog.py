@@ -100,6 +100,27 @@ def test_every_label_write_adds_its_words_for_the_trigram_arm(conn):
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
 
 
+def test_label_writers_adding_the_same_new_words_never_wait_for_each_other(conn):
+    from interp.db import connect
+
+    name, sid = make_sae(conn, {})
+    first, second = connect(), connect()
+    try:
+        second.execute("SET lock_timeout = '2s'")
+        with first.transaction(), second.transaction():
+            # each holds the other's next new word uncommitted: with a unique key on the word, a deadlock
+            for writer, feature, label in ((first, 0, "zorblax quuxite"), (second, 1, "quuxite frobnar"),
+                                           (first, 2, "frobnar"), (second, 3, "zorblax")):
+                upsert_explanation(writer, sid, Explanation(sae=name, index=feature, label=label,
+                                                            explainer="openai:stub", prompt_version="explain-v1"))
+        assert {w for (w,) in conn.execute("SELECT word FROM label_words WHERE word = ANY(%s)",
+                                           (["zorblax", "quuxite", "frobnar"],))} == {"zorblax", "quuxite", "frobnar"}
+    finally:
+        first.close()
+        second.close()
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
 def test_hybrid_search_finds_text_typo_and_synonym(conn, sae, index_dir):
     name = sae[0]
     assert labels_of(search(conn, "suspension bridge", sae=name, index_dir=index_dir))[0] == LABELS[0][0]
