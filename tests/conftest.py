@@ -22,6 +22,20 @@ def conn():
 
 
 @pytest.fixture
+def fresh_db():
+    """The URL of a new, empty database, dropped afterwards."""
+    name = f"t_mig_{uuid.uuid4().hex[:8]}"
+    admin = connect(URL)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
 def names(conn):
     made = []
 

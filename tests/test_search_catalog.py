@@ -78,6 +78,49 @@ def test_trigram_arm_finds_the_typo(conn, sae):
     assert store.trigram_arm(conn, "!!! %% __", flt) == []     # no trigram: the arm is skipped, not a full scan
 
 
+def test_every_label_write_adds_its_words_for_the_trigram_arm(conn):
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    name, sid = make_sae(conn, {0: ("Quokkas sunbathing", 0.1, {})})
+    try:
+        def explanation(label, failure=None):
+            return Explanation(sae=name, index=1, label=label, failure=failure, explainer="openai:stub",
+                               prompt_version="explain-v1")
+
+        upsert_explanation(conn, sid, explanation(None, failure="error: timeout"))
+        upsert_explanation(conn, sid, explanation("numbats foraging"))       # the failure replaced: an UPDATE
+        copy_labels(conn, sid, [ScoredLabel(2, "wombat-burrows,\tdeep")])   # words added at the end of the load
+        expect = {"quokkas", "sunbathing", "numbats", "foraging", "wombat", "burrows", "deep"}
+        assert {w for (w,) in conn.execute("SELECT word FROM label_words WHERE word = ANY(%s)",
+                                           (list(expect),))} == expect
+        flt = store.Filters(sae_id=sid)
+        assert arm_labels(conn, store.trigram_arm(conn, "numbat foragin", flt)) == ["numbats foraging"]
+        assert arm_labels(conn, store.trigram_arm(conn, "wombat burows", flt)) == ["wombat-burrows,\tdeep"]
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def test_label_writers_adding_the_same_new_words_never_wait_for_each_other(conn):
+    from interp.db import connect
+
+    name, sid = make_sae(conn, {})
+    first, second = connect(), connect()
+    try:
+        second.execute("SET lock_timeout = '2s'")
+        with first.transaction(), second.transaction():
+            # each holds the other's next new word uncommitted: with a unique key on the word, a deadlock
+            for writer, feature, label in ((first, 0, "zorblax quuxite"), (second, 1, "quuxite frobnar"),
+                                           (first, 2, "frobnar"), (second, 3, "zorblax")):
+                upsert_explanation(writer, sid, Explanation(sae=name, index=feature, label=label,
+                                                            explainer="openai:stub", prompt_version="explain-v1"))
+        assert {w for (w,) in conn.execute("SELECT word FROM label_words WHERE word = ANY(%s)",
+                                           (["zorblax", "quuxite", "frobnar"],))} == {"zorblax", "quuxite", "frobnar"}
+    finally:
+        first.close()
+        second.close()
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
 def test_hybrid_search_finds_text_typo_and_synonym(conn, sae, index_dir):
     name = sae[0]
     assert labels_of(search(conn, "suspension bridge", sae=name, index_dir=index_dir))[0] == LABELS[0][0]
@@ -299,3 +342,35 @@ def test_a_corrupt_index_file_is_rebuilt_from_postgres(conn, index_dir):
         assert labels_of(hits) == ["volcanic eruptions and lava"] and notes == []
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def scores_key(conn):
+    return conn.execute("SELECT oid, convalidated FROM pg_constraint WHERE contype = 'f'"
+                        " AND conrelid = 'scores'::regclass AND confrelid = 'explanations'::regclass").fetchall()
+
+
+def test_a_load_into_an_empty_catalog_checks_the_scores_key_once_at_the_end(fresh_db):
+    from interp.db import connect, migrate
+    from interp.store.bulk import ScoredLabel, copy_labels
+
+    with connect(fresh_db) as conn:
+        migrate(conn)
+        sid = create_sae(conn, "empty", SAEMeta(model="m", layer=0, site="resid", d_in=1, n_features=9, arch="topk"))
+        before = scores_key(conn)
+
+        def failing():
+            yield ScoredLabel(0, "first", scores={"embedding": 0.5})
+            raise RuntimeError("the source broke")
+
+        with pytest.raises(RuntimeError, match="the source broke"):
+            copy_labels(conn, sid, failing())
+        assert scores_key(conn) == before                   # dropped and rolled back with the load
+        assert copy_labels(conn, sid, [ScoredLabel(i, f"label {i}", scores={"embedding": i / 10, "detection": 0.5})
+                                       for i in range(3)]) == 3
+        after = scores_key(conn)
+        assert len(after) == 1 and after[0][1] and after[0][0] != before[0][0]     # added back, checked
+        assert conn.execute("SELECT count(*) FROM scores").fetchone()[0] == 6
+        copy_labels(conn, sid, [ScoredLabel(5, "into a catalog in use", scores={"embedding": 0.1})])
+        assert scores_key(conn) == after                    # not empty: the key stayed and checked each row
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("INSERT INTO scores (explanation_id, scorer, simulator) VALUES (-1, 'x', 'y')")

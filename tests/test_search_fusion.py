@@ -1,7 +1,9 @@
-"""Pure parts of search: reciprocal rank fusion, the --density parser and the query cleaner."""
+"""Pure parts of search: reciprocal rank fusion, the --density parser, the query cleaner and the trigram arm's
+word lookup."""
 import pytest
 
 from interp.search import MAX_QUERY_CHARS, RRF_K, clean_query, parse_density, ranks, rrf
+from interp.store.search import MAX_QUERY_WORDS, QueryWord, word_tsquery
 from sae.errors import InputError
 
 
@@ -81,3 +83,31 @@ def test_only_candidates_that_can_reach_the_limit_are_read_back():
     assert sorted(contenders(fused, 1)) == [1]
     assert sorted(contenders(fused, 5)) == [1, 2, 3, 4, 5]
     assert sorted(contenders(fused, 20)) == [1, 2, 3, 4, 5]
+
+
+def test_a_heavy_enough_word_alone_finds_candidates():
+    golden, gat = QueryWord(7, ("golden",)), QueryWord(4, ("gat", "gate"))
+    assert word_tsquery(6.0, [golden, gat]) == "(('golden'))"              # "gat" alone carries too little
+    assert word_tsquery(9.0, [golden, gat]) == "(('golden') & ('gat' | 'gate'))"
+    assert word_tsquery(12.0, [golden, gat]) is None                      # no label can reach the threshold
+
+
+def test_only_minimal_sets_of_words_are_spelled_out():
+    words = [QueryWord(5, ("a",)), QueryWord(4, ("b",)), QueryWord(3, ("c",))]
+    assert word_tsquery(7.0, words) == "(('a') & ('b')) | (('a') & ('c')) | (('b') & ('c'))"
+
+
+def test_a_word_without_similar_label_words_carries_nothing():
+    stop, bin_ = QueryWord(4, ()), QueryWord(4, ("bin", "binari"))
+    assert word_tsquery(4.8, [stop, bin_]) is None
+    assert word_tsquery(4.0, [stop, bin_]) == "(('bin' | 'binari'))"
+
+
+def test_beyond_the_heaviest_words_the_rest_count_as_present():
+    words = [QueryWord(2, (f"w{i}",)) for i in range(MAX_QUERY_WORDS)] + [QueryWord(1, ("light",))]
+    tsq = word_tsquery(2.0 * MAX_QUERY_WORDS - 1, words)  # with the light word assumed, any five heavy ones
+    assert tsq.count(" | (") == MAX_QUERY_WORDS - 1 and "light" not in tsq
+
+
+def test_lexemes_are_quoted_for_tsquery():
+    assert word_tsquery(1.0, [QueryWord(1, ("it's", "back\\slash"))]) == "(('it''s' | 'back\\\\slash'))"

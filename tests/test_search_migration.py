@@ -1,29 +1,14 @@
 """Migration 004 on a fresh database, with a 003 (the jobs migration, written elsewhere) applied before it or
-arriving after it: both orders end with the same search schema and leave the jobs tables to 003."""
-import os
+arriving after it: both orders end with the same search schema and leave the jobs tables to 003. Migration 006
+on a catalog that already holds labels."""
 import shutil
-import uuid
 
 import psycopg
 import pytest
 
 from interp.db import MIGRATIONS, connect, migrate
 
-URL = os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 JOBS_003 = "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS tokens bigint NOT NULL DEFAULT 0;\n"
-
-
-@pytest.fixture
-def fresh_db():
-    name = f"t_mig_{uuid.uuid4().hex[:8]}"
-    admin = connect(URL)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def folder_with(tmp_path, names, extra=None):
@@ -67,3 +52,19 @@ def test_003_arriving_after_004_still_applies(fresh_db, tmp_path):
         assert tsv == "'bridg':3 'gate':2 'golden':1"              # generated, stemmed, stored
         with pytest.raises(psycopg.errors.GeneratedAlways):
             conn.execute("UPDATE explanations SET label_tsv = ''")
+
+
+def test_007_takes_the_words_of_stored_labels_and_drops_the_label_trigram_index(fresh_db, tmp_path):
+    folder = folder_with(tmp_path, {"001_catalog", "002_weights_sha", "003_jobs", "004_search", "005_harvest_jobs"})
+    with connect(fresh_db) as conn:
+        migrate(conn, folder)
+        conn.execute("INSERT INTO saes (name, model, layer, site, d_in, n_features, arch)"
+                     " VALUES ('s', 'm', 0, 'resid', 1, 1, 'topk')")
+        conn.execute("INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label)"
+                     " SELECT id, 0, 'x', 'v', 'Golden Gate-Bridges, 1937' FROM saes")
+        shutil.copy(MIGRATIONS / "007_label_words.sql", folder)
+        assert migrate(conn, folder) == ["007_label_words"]
+        words = conn.execute("SELECT word FROM label_words ORDER BY 1").fetchall()
+        assert [w for (w,) in words] == ["1937", "bridges", "gate", "golden"]     # as pg_trgm splits words
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'explanations_label_trgm'"
+                            ).fetchone()[0] == 0

@@ -115,10 +115,12 @@ LABEL_CHUNK = 50_000    # labels per COPY + INSERT round: large enough to amorti
 
 class _Encoder:
     """COPY text lines of ScoredLabels. Explainer, prompt version, simulator, method and the scorer names repeat
-    across millions of rows, so each distinct one is escaped once; only the label is escaped per row."""
+    across millions of rows, so each distinct one is escaped once; only the label is escaped per row. It also
+    gathers the labels' distinct whitespace-separated tokens (see `copy_labels`)."""
 
     def __init__(self):
         self.cache: dict = {}
+        self.tokens: set[str] = set()
 
     def esc(self, value) -> str:
         out = self.cache.get(value)
@@ -127,7 +129,9 @@ class _Encoder:
         return out
 
     def lines(self, rows: list[ScoredLabel]) -> str:
-        e = self.esc
+        e, tokens = self.esc, self.tokens
+        for r in rows:
+            tokens.update(r.label.split())
         return "".join(
             f"{r.feature}\t{_text(r.label)}\t{e(r.explainer)}\t{e(r.prompt_version)}\t{'t' if r.is_baseline else 'f'}"
             f"\t{e(tuple(r.scores))}\t{e(r.simulator)}\t{{{','.join(map(repr, map(float, r.scores.values())))}}}"
@@ -140,10 +144,15 @@ def copy_labels(conn: psycopg.Connection, sid: int, rows: Iterable[ScoredLabel])
 
     Two cores' worth of work: this thread turns rows into COPY text (Python, holding the GIL) while a second
     thread sends the previous chunk and runs its INSERT (psycopg waits on the socket without the GIL, and the
-    server does the inserting), so the load takes about the longer of the two, not their sum."""
-    writer = _Writer(conn, sid)
+    server does the inserting), so the load takes about the longer of the two, not their sum.
+
+    The labels' words go into label_words once, at the end, from their distinct whitespace-separated tokens
+    (which the server splits further as it splits every label): the insert trigger would split every label's
+    text on the server, which is busy, while this thread has time to spare."""
+    enc = _Encoder()
+    writer = _Writer(conn, sid, enc.tokens)
     writer.start()
-    n, enc = 0, _Encoder()
+    n = 0
     try:
         for chunk in _chunks(rows, LABEL_CHUNK):
             if writer.failure:
@@ -172,9 +181,10 @@ class _Writer(threading.Thread):
     """COPYs each chunk of text into the staging table and inserts it, all in one transaction. On a failure it
     keeps taking chunks (and drops them) until the end, so the producer never blocks on a full queue."""
 
-    def __init__(self, conn: psycopg.Connection, sid: int):
+    def __init__(self, conn: psycopg.Connection, sid: int, tokens: set[str]):
         super().__init__(name="copy-labels", daemon=True)
         self.conn, self.sid = conn, sid
+        self.tokens = tokens        # complete once the producer has sent the end of the chunks
         self.chunks: queue.Queue = queue.Queue(maxsize=2)
         self.failure: list[BaseException] = []
         self.ended = False
@@ -203,20 +213,43 @@ class _Writer(threading.Thread):
             # The staging table has no statistics, so the planner guesses millions of joined rows and JIT-compiles
             # every chunk's INSERT: half a second a chunk of compiling for a plan that runs in a few seconds.
             # And the join of a chunk's inserted ids to its staging rows stays in memory.
-            conn.execute("SELECT set_config('jit', 'off', true), set_config('work_mem', '128MB', true)")
+            conn.execute("SELECT set_config('jit', 'off', true), set_config('work_mem', '128MB', true),"
+                         " set_config('interp.defer_label_words', 'on', true)")
+            key = _drop_scores_key_if_empty(conn)
             while (text := self.next_chunk()) is not None:
                 conn.execute("TRUNCATE stage_scored_labels")
                 with conn.cursor().copy(_COPY_STAGE) as cp:
                     cp.write(text)
                 conn.execute(_INSERT, (self.sid,))
             conn.execute("TRUNCATE stage_scored_labels")
+            conn.execute("SELECT add_label_words(%s)", (sorted(self.tokens),))
+            if key is not None:
+                conn.execute(sql.SQL("ALTER TABLE scores ADD CONSTRAINT {} {}").format(
+                    sql.Identifier(key[0]), sql.SQL(key[1])))
 
 
-# The label search indexes (as migrations 001 and 004 create them). A bulk load drops them and builds them after:
+def _drop_scores_key_if_empty(conn: psycopg.Connection) -> tuple[str, str] | None:
+    """Into an empty catalog, the load drops the scores' foreign key to explanations, and adds it back at its end
+    in the same transaction: one join then checks every score, where the key would look each one up as it is
+    inserted (a third of the load's server time). Returns the key's name and definition (as the catalog spells
+    it), or None when explanations holds anything: the check reads the whole table, and the exclusive lock on
+    both tables, held to the end of the load, would stop every search and label write meanwhile. An empty
+    catalog has nothing to search, and a label writer waits for the load to commit."""
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM explanations)").fetchone()[0]:
+        return None
+    conn.execute("LOCK TABLE explanations, scores IN ACCESS EXCLUSIVE MODE")
+    key = conn.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f'"
+                       " AND conrelid = 'scores'::regclass AND confrelid = 'explanations'::regclass").fetchone()
+    # a writer may have got in before the lock; then the table is in use, and the key stays
+    if key is None or conn.execute("SELECT EXISTS (SELECT 1 FROM explanations)").fetchone()[0]:
+        return None
+    conn.execute(sql.SQL("ALTER TABLE scores DROP CONSTRAINT {}").format(sql.Identifier(key[0])))
+    return key[0], key[1]
+
+
+# The label search index on explanations (as migration 004 creates it). A bulk load drops it and builds it after:
 # one sorted build is several times faster than maintaining a GIN index row by row.
 SEARCH_INDEXES = {
-    "explanations_label_trgm": "CREATE INDEX IF NOT EXISTS explanations_label_trgm ON explanations"
-                               " USING gin (label gin_trgm_ops)",
     "explanations_label_tsv": "CREATE INDEX IF NOT EXISTS explanations_label_tsv ON explanations USING gin (label_tsv)",
 }
 
@@ -236,8 +269,9 @@ def create_search_indexes(conn: psycopg.Connection, maintenance_work_mem: str = 
 def vacuum_labels(conn: psycopg.Connection) -> None:
     """VACUUM (ANALYZE) the label tables after a bulk write, as autovacuum would do later (and never does where
     it is off). Embedding labels in bulk rewrites every explanation row (its `embedded` flag), which leaves a
-    dead tuple per label and both GIN indexes with a full pending list and an entry for every dead tuple: until
-    a vacuum, every full-text and trigram search scans the pending list and walks twice the posting entries.
+    dead tuple per label and the full-text GIN index with a full pending list and an entry for every dead tuple:
+    until a vacuum, every full-text and trigram search scans the pending list and walks twice the posting
+    entries.
     The connection must be in autocommit mode (VACUUM cannot run in a transaction)."""
-    for table in ("explanations", "scores", "label_embeddings"):
+    for table in ("explanations", "scores", "label_embeddings", "label_words"):
         conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(table)))

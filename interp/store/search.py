@@ -11,6 +11,7 @@ a common one is ranked among the first `pool` matches in table order, which is t
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,9 @@ from pydantic import BaseModel
 
 POOL = 2000     # candidates an arm ranks: bounds the work of a common word
 TOP_N = 200     # candidates an arm returns to the fusion
+# labels the trigram arm reads: each costs a heap read and a word_similarity (~9 us at 1 M labels), so the arm
+# stays near 10 ms when a query word's stem is common
+TRIGRAM_POOL = 1000
 TRIGRAM_TIMEOUT_MS = 2000
 
 
@@ -80,28 +84,87 @@ def fulltext_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TO
     return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
 
 
-def has_trigrams(conn: psycopg.Connection, query: str) -> bool:
-    """pg_trgm extracts no trigram from punctuation-only text; its GIN index would then scan every entry."""
-    return bool(conn.execute("SELECT cardinality(show_trgm(%s)) > 0", (query,)).fetchone()[0])
+# Similar label words taken per query word, best first: a short word ("bin") is a prefix of dozens, and each
+# one's lexeme widens the full-text lookup.
+WORD_EXPANSIONS = 32
+# Query words whose combinations the lookup spells out (the heaviest); lighter ones are assumed present.
+MAX_QUERY_WORDS = 6
 
 
-def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = POOL,
+@dataclass(frozen=True)
+class QueryWord:
+    weight: int                 # its trigrams: its share of the query's word_similarity
+    lexemes: tuple[str, ...]    # the english lexemes of the label words similar to it
+
+
+def query_words(conn: psycopg.Connection, query: str) -> tuple[float, list[QueryWord]]:
+    """The trigrams a label must share with `query` (pg_trgm's word_similarity threshold times the query's
+    trigrams), and each distinct word of the query with the lexemes of the label words similar to it
+    (word_similarity at the same threshold, through label_words' trigram index)."""
+    rows = conn.execute(
+        "WITH q AS (SELECT DISTINCT w FROM label_words_of(%(q)s) w)"
+        " SELECT cardinality(show_trgm(q.w)), coalesce(array_agg(DISTINCT x.lexeme)"
+        "  FILTER (WHERE x.lexeme IS NOT NULL), '{}'),"
+        " current_setting('pg_trgm.word_similarity_threshold')::real * cardinality(show_trgm(%(q)s))"
+        " FROM q LEFT JOIN LATERAL (SELECT unnest(tsvector_to_array(to_tsvector('english', s.word))) AS lexeme"
+        "  FROM (SELECT lw.word FROM label_words lw WHERE lw.word %%> q.w"
+        "   ORDER BY lw.word <->> q.w, lw.word LIMIT %(k)s) s) x ON true"
+        " GROUP BY q.w", {"q": query, "k": WORD_EXPANSIONS}).fetchall()
+    return (rows[0][2] if rows else 0.0), [QueryWord(r[0], tuple(r[1])) for r in rows]
+
+
+def word_tsquery(need: float, words: list[QueryWord]) -> str | None:
+    """A tsquery for the labels that can reach word_similarity's threshold: those holding, for a set of query
+    words carrying at least `need` trigrams, a word similar to each. It is the OR of every minimal such set (the
+    AND of each word's lexemes), over the MAX_QUERY_WORDS heaviest words; the lighter ones count as present.
+    A word with no similar label word (a stop word, or nothing close) can carry nothing. None: no label can."""
+    found = sorted((w for w in words if w.lexemes), key=lambda w: -w.weight)
+    top, rest = found[:MAX_QUERY_WORDS], found[MAX_QUERY_WORDS:]
+    need -= sum(w.weight for w in rest)
+    minimal: list[tuple[int, ...]] = []
+    for size in range(1, len(top) + 1):
+        for combo in itertools.combinations(range(len(top)), size):
+            if (sum(top[i].weight for i in combo) >= need
+                    and not any(set(m) <= set(combo) for m in minimal)):
+                minimal.append(combo)
+    if not minimal:
+        return None
+    groups = ["(" + " | ".join(_lexeme(x) for x in w.lexemes) + ")" for w in top]
+    return " | ".join("(" + " & ".join(groups[i] for i in combo) + ")" for combo in minimal)
+
+
+def _lexeme(text: str) -> str:
+    """A quoted tsquery operand (quotes and backslashes doubled), taken as it is, not normalised again."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def trigram_arm(conn: psycopg.Connection, query: str, flt: Filters, n: int = TOP_N, pool: int = TRIGRAM_POOL,
                 timeout_ms: int = TRIGRAM_TIMEOUT_MS) -> Ranked:
     """Explanation ids whose label contains a stretch similar to `query` (`<%`, word_similarity at pg_trgm's
-    threshold, 0.6 by default), so substrings and typos match: "golden gat" finds "Golden Gate Bridge"."""
-    if not has_trigrams(conn, query):
+    threshold, 0.6 by default), so substrings and typos match: "golden gat" finds "Golden Gate Bridge".
+
+    Candidates come from the full-text index: the labels holding words similar to enough of the query's words
+    (`word_tsquery`), so the cost follows how many labels hold such words, not the catalog's size. Words the
+    full-text parser keeps whole with their punctuation (file names, URLs, decimals) are left to that arm."""
+    need, words = query_words(conn, query)
+    tsquery = word_tsquery(need, words)
+    if tsquery is None:
         return []
     where, params = flt.where()
+    # The pool bounds the labels read, not those kept: a stem shared by common words ("mappings" -> 'map') can
+    # match thousands of labels of which few are similar enough.
     stmt = sql.SQL(
-        "SELECT c.id, word_similarity(%(q)s, c.label) AS r FROM (SELECT e.id, e.label FROM explanations e"
-        " WHERE %(q)s <%% e.label AND {where} LIMIT %(pool)s) c ORDER BY r DESC, c.id LIMIT %(n)s"
+        "SELECT c.id, c.r FROM (SELECT e.id, word_similarity(%(q)s, e.label) AS r FROM explanations e"
+        " WHERE e.label_tsv @@ %(tsq)s::tsquery AND {where} LIMIT %(pool)s) c"
+        " WHERE c.r >= current_setting('pg_trgm.word_similarity_threshold')::real"
+        " ORDER BY c.r DESC, c.id LIMIT %(n)s"
     ).format(where=where)
-    # The GIN scan reads every posting list of the query's trigrams before the LIMIT can stop anything, and a
-    # short query's trigrams ("  c", " ca") are in millions of labels: past the timeout the arm is dropped.
+    # a bound on a pathological lookup (a query of many short words, each a prefix of common ones)
     try:
         with conn.transaction():
             conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms}ms",))
-            return [(r[0], r[1]) for r in conn.execute(stmt, {**params, "q": query, "pool": pool, "n": n})]
+            return [(r[0], r[1]) for r in conn.execute(
+                stmt, {**params, "q": query, "tsq": tsquery, "pool": pool, "n": n})]
     except psycopg.errors.QueryCanceled:
         raise ArmTimeout(f"the trigram arm took over {timeout_ms} ms and was dropped") from None
 
