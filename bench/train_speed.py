@@ -64,6 +64,16 @@ class Synthetic:
         return x + 0.05 * torch.randn(n, self.d, generator=self.g, device=self.device)
 
 
+def optimiser_step(coder, opt, loss) -> None:
+    """The rest of a step, the same for both coders (the methods share their names): backward, the gradient
+    along each decoder row removed, the optimiser's step, and the decoder rows back to unit norm."""
+    loss.backward()
+    coder.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    coder.set_decoder_norm_to_unit_norm()
+
+
 def make_steps(c, device, SparseCoder, SparseCoderConfig, first: torch.Tensor, lr: float):
     """Three steps from the same initial weights: sparsify's, ours with the trainer's optimiser
     (sae.train.adam, fused), and ours with sparsify's (torch.optim.Adam's default, what sparsify's trainer
@@ -84,11 +94,7 @@ def make_steps(c, device, SparseCoder, SparseCoderConfig, first: torch.Tensor, l
         def step(x):
             with autocast:
                 out = sae.training_step(x)
-            out.loss.backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.set_decoder_norm_to_unit_norm()
+            optimiser_step(sae, opt, out.loss)
             return out.fvu
         return step
 
@@ -96,11 +102,7 @@ def make_steps(c, device, SparseCoder, SparseCoderConfig, first: torch.Tensor, l
 
     def step_sp(x):
         out = sp(x)  # sparsify wraps its forward in bf16 autocast on CUDA itself
-        out.fvu.backward()
-        sp.remove_gradient_parallel_to_decoder_directions()
-        opt_sp.step()
-        opt_sp.zero_grad(set_to_none=True)
-        sp.set_decoder_norm_to_unit_norm()
+        optimiser_step(sp, opt_sp, out.fvu)
         return out.fvu
 
     return {"sparsify": step_sp, "ours": ours_like_sp(lambda sae: adam(sae, lr)),

@@ -61,6 +61,12 @@ def arm_labels(conn, ranked):
     return [by_id[i] for i, _ in ranked]
 
 
+def test_the_feature_load_leaves_planner_statistics_on_its_partition(conn, sae):
+    part = conn.execute("SELECT tableoid::regclass::text FROM features WHERE sae_id = %s LIMIT 1", (sae[1],)).fetchone()[0]
+    n = conn.execute(f"SELECT count(*) FROM {part}").fetchone()[0]
+    assert conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (part,)).fetchone()[0] == n
+
+
 def test_full_text_arm_matches_stems_and_ranks_by_relevance(conn, sae):
     flt = store.Filters(sae_id=sae[1])
     found = arm_labels(conn, store.fulltext_arm(conn, "bridges", flt))

@@ -15,6 +15,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from interp.db import analyze_partitions
+
 from .saes import SAEMeta, name_taken
 
 HIST_BINS = 50
@@ -65,7 +67,7 @@ def copy_features(conn: psycopg.Connection, sid: int, rows: Iterable[FeatureStat
             n += len(chunk)
     # planner statistics now, not at autovacuum's next visit (never, where it is off): a search joining a
     # partition it believes empty scans it for every hit
-    conn.execute("ANALYZE features")
+    analyze_partitions(conn, sid, ("features",))
     return n
 
 
