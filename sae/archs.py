@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, first_line
-from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern
+from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
 
 
 @dataclass
@@ -280,11 +280,11 @@ class TopKSAE(SparseAutoencoder):
     arch = "topk"
 
     def encode_sparse(self, x):
-        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(self.pre_acts(x), self.cfg.k)
         return vals.relu(), idx
 
     def activate(self, pre):
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(pre, self.cfg.k)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -292,7 +292,7 @@ class TopKSAE(SparseAutoencoder):
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Pattern]:
         """(pre-activation values [nnz], pattern) of the latents that fire."""
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals, idx = topk_rows(pre, self.cfg.k)
         return vals.reshape(-1), topk_pattern(idx, pre.shape[1])
 
     def training_step(self, x, dead=None, total_var=None, n_total=None):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.archs import SAEConfig, TopKSAE
-from sae.kernels import flat_pattern, sparse_decode, sparse_linear, topk_pattern
+from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
 
 
 def _inputs(n=10, d=4, m=12, seed=0):
@@ -72,3 +72,38 @@ def test_auxk_gradient_reaches_dead_encoder_rows():
     out.loss.backward()
     # the encoder rows of dead latents get gradient from AuxK alone (sparsify's fused encoder drops it)
     assert sae.W_enc.grad[dead].abs().sum() > 0
+
+
+def _same_topk(x, k):
+    vals, idx = topk_rows(x, k)
+    ref = x.topk(k, dim=-1, sorted=False).values
+    assert torch.equal(vals.sort(-1).values, ref.sort(-1).values)      # the k largest values, each row
+    assert torch.equal(x.gather(1, idx), vals)                          # at the indices returned
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()                 # each index once
+
+
+def test_topk_rows_equals_torch_topk():
+    g = torch.Generator().manual_seed(0)
+    n, k = 64 * TOPK_GROUP, 16
+    _same_topk(torch.randn(50, n, generator=g), k)
+    # ties everywhere: a few distinct values, so the k-th value is shared by many entries and groups
+    _same_topk(torch.randint(0, 4, (50, n), generator=g).float(), k)
+    # a row's whole top k inside one strided group (columns g, g + n/G, ...), and in k different groups
+    x = torch.randn(4, n, generator=g)
+    width = n // TOPK_GROUP
+    x[0, 3 + width * torch.arange(TOPK_GROUP)[:k]] += 100
+    x[1, torch.arange(k)] += 100
+    x[2] = -torch.arange(n, dtype=torch.float32)       # all negative, descending
+    _same_topk(x, k)
+    # where the two passes would not pay (k x G too large a share of the row): torch's top-k, same answer
+    _same_topk(torch.randn(8, 2 * k * TOPK_GROUP, generator=g), k)
+
+
+def test_topk_sae_encodes_with_topk_rows():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=16, n_latents=4096, k=8))
+    x = torch.randn(32, 16)
+    vals, idx = sae.encode_sparse(x)
+    ref = sae.pre_acts(x).topk(8, dim=-1)
+    assert torch.equal(vals.sort(-1).values, ref.values.relu().sort(-1).values)
+    assert torch.equal(sae.encode(x), torch.zeros(32, 4096).scatter_(-1, ref.indices, ref.values.relu()))
