@@ -19,7 +19,7 @@ from interp import pgbinary
 from interp.pgbinary import Col
 from interp.records import Explanation, Score
 
-from .labels import upsert_explanation_row, upsert_score
+from .labels import upsert_explanations, upsert_scores
 
 ACTIVE = ("queued", "running")
 
@@ -154,8 +154,7 @@ def finish_features(conn: psycopg.Connection, job_id: int, sid: int, outs: list[
     One transaction per batch, not per feature: the items' moves and the job's counters are one statement each
     for the batch instead of one per feature."""
     with conn.transaction():
-        for out in outs:
-            _store_result(conn, sid, out)
+        _store_results(conn, sid, outs)
         moved = {r[0] for r in conn.execute(
             "UPDATE job_items i SET state = v.state, reason = v.reason, error = v.error, lease_until = NULL,"
             " updated = now() FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[]) AS v(feature, state,"
@@ -169,17 +168,19 @@ def finish_features(conn: psycopg.Connection, job_id: int, sid: int, outs: list[
                       sum(bool(o.reason) for o in mine))
 
 
-def _store_result(conn: psycopg.Connection, sid: int, out: FeatureOutcome) -> None:
-    if out.explanation is None:
-        return
-    eid, stored = upsert_explanation_row(conn, sid, out.explanation)
-    if out.scores and stored != out.explanation.label:
-        # a label kept from an earlier run (its scores had failed) differs from this run's: these scores rate
-        # another text and must not be filed under the kept one
-        out.scores, out.reason = [], "label_changed"
-        out.error = f"stored label {stored!r} differs from this run's {out.explanation.label!r}; not scored"
-    for s in out.scores:
-        upsert_score(conn, eid, s)
+def _store_results(conn: psycopg.Connection, sid: int, outs: list[FeatureOutcome]) -> None:
+    labelled = [o for o in outs if o.explanation is not None]
+    stored = upsert_explanations(conn, sid, [o.explanation for o in labelled])
+    scored = []
+    for out in labelled:
+        eid, label = stored[out.feature]
+        if out.scores and label != out.explanation.label:
+            # a label kept from an earlier run (its scores had failed) differs from this run's: these scores
+            # rate another text and must not be filed under the kept one
+            out.scores, out.reason = [], "label_changed"
+            out.error = f"stored label {label!r} differs from this run's {out.explanation.label!r}; not scored"
+        scored += [(eid, s) for s in out.scores]
+    upsert_scores(conn, scored)
 
 
 def _count(conn: psycopg.Connection, job_id: int, tokens: int, done: int, failed: int) -> str:

@@ -32,40 +32,63 @@ class LabelView(BaseModel):
 
 def upsert_explanation(conn: psycopg.Connection, sid: int, ex: Explanation) -> int:
     """Stores a label or its failure; returns its id. A stored label is kept as it is."""
-    return upsert_explanation_row(conn, sid, ex)[0]
+    return upsert_explanations(conn, sid, [ex])[ex.index][0]
 
 
-def upsert_explanation_row(conn: psycopg.Connection, sid: int, ex: Explanation) -> tuple[int, str | None]:
-    """upsert_explanation, returning the label stored after it too (an earlier run's, when one was kept)."""
-    row = conn.execute(
+def upsert_explanations(conn: psycopg.Connection, sid: int,
+                        exs: list[Explanation]) -> dict[int, tuple[int, str | None]]:
+    """Several features' labels (one explanation per feature) in one statement; returns {feature: (id, label
+    stored after it)}, the label an earlier run's where one was kept. One statement for a worker's batch: a
+    round trip and a prepared execution per feature cost the worker's event loop more than the SQL."""
+    rows = conn.execute(
         "INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label, is_baseline, prompt_tokens,"
-        " completion_tokens, failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " completion_tokens, failure) SELECT %s, * FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[],"
+        " %s::bool[], %s::int[], %s::int[], %s::text[])"
         " ON CONFLICT (sae_id, feature, explainer, prompt_version) DO UPDATE SET label = EXCLUDED.label,"
         " is_baseline = EXCLUDED.is_baseline, prompt_tokens = explanations.prompt_tokens + EXCLUDED.prompt_tokens,"
         " completion_tokens = explanations.completion_tokens + EXCLUDED.completion_tokens,"
-        " failure = EXCLUDED.failure, created = now() WHERE explanations.label IS NULL RETURNING id, label",
-        (sid, ex.index, ex.explainer, ex.prompt_version, ex.label, ex.is_baseline, ex.usage.prompt_tokens,
-         ex.usage.completion_tokens, ex.failure)).fetchone()
-    if row is not None:
-        return row
-    return conn.execute("SELECT id, label FROM explanations WHERE sae_id = %s AND feature = %s AND explainer = %s"
-                        " AND prompt_version = %s", (sid, ex.index, ex.explainer, ex.prompt_version)).fetchone()
+        " failure = EXCLUDED.failure, created = now() WHERE explanations.label IS NULL"
+        " RETURNING feature, id, label",
+        (sid, [e.index for e in exs], [e.explainer for e in exs], [e.prompt_version for e in exs],
+         [e.label for e in exs], [e.is_baseline for e in exs], [e.usage.prompt_tokens for e in exs],
+         [e.usage.completion_tokens for e in exs], [e.failure for e in exs])).fetchall()
+    out = {f: (i, label) for f, i, label in rows}
+    kept = [e for e in exs if e.index not in out]       # a stored label: the update's WHERE left it alone
+    if kept:
+        out.update((f, (i, label)) for f, i, label in conn.execute(
+            "SELECT e.feature, e.id, e.label FROM explanations e JOIN unnest(%s::int[], %s::text[], %s::text[])"
+            " AS k(feature, explainer, prompt_version) USING (feature, explainer, prompt_version)"
+            " WHERE e.sae_id = %s", ([e.index for e in kept], [e.explainer for e in kept],
+                                     [e.prompt_version for e in kept], sid)))
+    return out
 
 
 def upsert_score(conn: psycopg.Connection, explanation_id: int, s: Score) -> None:
     """Stores a score with its per-example breakdown; a stored value is kept, a stored failure replaced."""
-    details = {"values": s.values, "breakdown": [b.model_dump() for b in s.breakdown]}
+    upsert_scores(conn, [(explanation_id, s)])
+
+
+def upsert_scores(conn: psycopg.Connection, scored: list[tuple[int, Score]]) -> None:
+    """upsert_score for several (explanation id, score) pairs, distinct on (id, scorer, simulator), in one
+    statement."""
+    if not scored:
+        return
+    ss = [s for _, s in scored]
     conn.execute(
         "INSERT INTO scores (explanation_id, scorer, simulator, value, method, prompt_version, prompt_tokens,"
-        " completion_tokens, details, failure) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        " completion_tokens, details, failure) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[],"
+        " %s::real[], %s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[])"
         " ON CONFLICT (explanation_id, scorer, simulator) DO UPDATE SET value = EXCLUDED.value,"
         " method = EXCLUDED.method, prompt_version = EXCLUDED.prompt_version, details = EXCLUDED.details,"
         " prompt_tokens = scores.prompt_tokens + EXCLUDED.prompt_tokens,"
         " completion_tokens = scores.completion_tokens + EXCLUDED.completion_tokens,"
         " failure = EXCLUDED.failure, created = now()"
         " WHERE scores.value IS NULL AND scores.failure IS NOT NULL",
-        (explanation_id, s.scorer, s.simulator, s.value, s.method, s.prompt_version, s.usage.prompt_tokens,
-         s.usage.completion_tokens, Jsonb(details), s.failure))
+        ([eid for eid, _ in scored], [s.scorer for s in ss], [s.simulator for s in ss], [s.value for s in ss],
+         [s.method for s in ss], [s.prompt_version for s in ss], [s.usage.prompt_tokens for s in ss],
+         [s.usage.completion_tokens for s in ss],
+         [Jsonb({"values": s.values, "breakdown": [b.model_dump() for b in s.breakdown]}) for s in ss],
+         [s.failure for s in ss]))
 
 
 def labels_of(conn: psycopg.Connection, sid: int, index: int) -> list[LabelView]:
