@@ -201,7 +201,9 @@ def scale(conn, n_features: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--features", type=int, default=6144, help="features labelled per throughput run")
+    ap.add_argument("--features", type=int, default=16384,
+                    help="features labelled per throughput run (16 chunks: the first chunk's cold start, its "
+                         "connections and prepared statements, weighs a sixteenth)")
     ap.add_argument("--concurrency", type=int, default=64, help="LLM calls in flight per worker process")
     ap.add_argument("--latency", type=float, default=0.1, help="seconds the stub takes per call")
     ap.add_argument("--chunk", type=int, help="features per task (default: settings.job_chunk_size)")

@@ -103,6 +103,18 @@ def _row_order(P: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return o.gather(1, P.gather(1, o).sort(dim=1, stable=True).indices)
 
 
+def _largest(P: torch.Tensor, K: torch.Tensor, c: int) -> torch.Tensor:
+    """Per row, the columns of its c largest entries by (P, K), the empty entries (prim `empty`, the largest
+    value, and K = -1) largest of all."""
+    if int(K.max()) < M32:
+        # P's order bits above the key's 32 bits (an empty entry's -1 becomes 2^32 - 1, above every key)
+        bits = P.view(torch.int32) if P.dtype == torch.float32 else P
+        if P.dtype == torch.float32:        # negative floats: flip the magnitude so order is integer order
+            bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        return ((bits.long() << 32) | (K & M32)).topk(c, dim=1, sorted=False).indices
+    return _row_order(P, K)[:, -c:]
+
+
 def _run_start(start: torch.Tensor) -> torch.Tensor:
     """For a flat bool `start` (True where a run begins, start[0] True): the index where each entry's run
     begins. A cumsum and a gather rather than a cummax of the start positions: CUDA's cummax scan took 14 ms
@@ -121,13 +133,16 @@ def _ranks(seg: torch.Tensor) -> torch.Tensor:
 class _Bank:
     """Per feature the `cap` entries with the smallest (prim, key), with their activation windows.
 
-    Rows are kept sorted by (prim, key). An entry's window sits in one of its row's `cap` window slots, named
-    by `slot`, so a merge moves only the small columns and writes a window only where an entry comes in;
-    flush() puts the windows back in row order for the readers. Candidates that beat their row's worst entry
-    as of the last merge (`worst`, contiguous so the test stays in cache: a superset of the real winners) wait
-    in a buffer with their windows. A merge sorts the buffer by (feature, prim, key), keeps each feature's best
-    `cap` and merges them into the rows they touch, and only those: its cost follows the candidates, not the
-    number of features. The buffer is bounded in bytes, so memory is the rows plus a constant."""
+    Between merges a row's entries sit in any order, each with its window in the same column, so a merge writes
+    only what comes in: per row, of its entries and its best candidates (c of them) the c largest by (prim, key)
+    lose (one top-c over a packed order key), and the winning candidates are written over the losing entries.
+    A row is not shifted, sorted or copied whole, which at 1 M features (a couple of candidates per row and
+    merge) was most of a merge's cost. flush() sorts every row by (prim, key) once, for the readers.
+    Candidates that beat their row's worst entry as of the last merge (`worst`, contiguous so the test stays in
+    cache: a superset of the real winners) wait in a buffer with their windows. A merge sorts the buffer by
+    (feature, prim, key) and keeps each feature's best `cap`, and touches only the rows they belong to: its cost
+    follows the candidates, not the number of features. The buffer is bounded in bytes, so memory is the rows
+    plus a constant."""
 
     BUFFER_BYTES = 1 << 27
 
@@ -139,7 +154,6 @@ class _Bank:
         self.val = torch.zeros((n, cap), device=device)
         # a top entry's window max is its context max, its val: one tensor under both names (200 MB at 1 M)
         self.scale = self.val if scale_is_val else torch.zeros((n, cap), device=device)
-        self.slot = torch.arange(cap, dtype=torch.int16, device=device).repeat(n, 1)
         self.win = torch.zeros((n, cap, width), dtype=torch.uint8, device=device)
         self.worst = torch.full((n,), empty, dtype=prim_dtype, device=device)
         self.buf: list[tuple] = []
@@ -159,16 +173,19 @@ class _Bank:
             self.merge_buffer()
 
     def flush(self, chunk: int = FEATURE_CHUNK) -> None:
-        """Merges the buffer and puts every row's windows in row order: win[f, j] is entry j's window."""
+        """Merges the buffer and sorts every row by (prim, key), empty entries last, windows with them."""
         self.merge_buffer(chunk)
-        identity = torch.arange(self.cap, dtype=torch.int16, device=self.slot.device)
+        names = ("prim", "key", "val") + (() if self.scale is self.val else ("scale",))
+        identity = torch.arange(self.cap, device=self.key.device)
         for lo in range(0, self.n, chunk):
-            s = self.slot[lo:lo + chunk]
-            moved = (s != identity).any(1).nonzero().squeeze(1) + lo
+            order = _row_order(self.prim[lo:lo + chunk], self.key[lo:lo + chunk])
+            moved = (order != identity).any(1).nonzero().squeeze(1)
             if moved.numel():
-                idx = self.slot[moved].long()[:, :, None].expand(-1, -1, self.width)
-                self.win[moved] = self.win[moved].gather(1, idx)
-                self.slot[moved] = identity
+                rows, o = moved + lo, order[moved]
+                for name in names:
+                    t = getattr(self, name)
+                    t[rows] = t[rows].gather(1, o)
+                self.win[rows] = self.win[rows].gather(1, o[:, :, None].expand(-1, -1, self.width))
 
     def merge_buffer(self, chunk: int = FEATURE_CHUNK) -> None:
         if not self.buf:
@@ -199,40 +216,33 @@ class _Bank:
         Flat 1-D indexing throughout: torch's multi-index paths are several times slower on the CPU."""
         _, prim, key, val, scale, win = cols
         G, cap = R.numel(), self.cap
-        at = ri * (2 * cap) + cap + rc                   # the candidates' cells in a [G, 2 cap] matrix
-
-        def both(mine, theirs, fill):
-            out = torch.full((G, 2 * cap), fill, dtype=mine.dtype, device=mine.device)
-            out[:, :cap] = mine.index_select(0, R)
-            out.view(-1)[at] = theirs[ci]
-            return out
-
-        P, K = both(self.prim, prim, self.empty), both(self.key, key, -1)
-        src = _row_order(P, K)[:, :cap].contiguous()
-        from_old = src < cap
-        kept_slot = self.slot.index_select(0, R).long().gather(1, src.clamp(max=cap - 1))
-        # an incoming entry takes a slot no kept entry holds, the free slots in ascending order
-        used = torch.zeros((G, cap + 1), dtype=torch.bool, device=R.device)
-        used.scatter_(1, torch.where(from_old, kept_slot, cap), True)
-        free_slot = (~used[:, :cap]).nonzero(as_tuple=True)[1]        # row-major: ascending within each row
-        nth_free = (~used[:, :cap]).sum(1).cumsum(0) - (~used[:, :cap]).sum(1)
-        new_row, new_pos = (~from_old).nonzero(as_tuple=True)
-        nth_new = (~from_old).long().cumsum(1)[new_row, new_pos] - 1
-        slot = kept_slot.clone()
-        new_slot = free_slot[nth_free[new_row] + nth_new]
-        slot.view(-1)[new_row * cap + new_pos] = new_slot
-        cand = torch.full((G * cap,), -1, dtype=torch.long, device=R.device)
-        cand[ri * cap + rc] = ci
-        new = cand[new_row * cap + src.reshape(-1)[new_row * cap + new_pos] - cap]
-        self.win.view(-1, self.width).index_copy_(0, R[new_row] * cap + new_slot, win[new])
-        newP = P.gather(1, src)
-        self.prim.index_copy_(0, R, newP)
-        self.key.index_copy_(0, R, K.gather(1, src))
-        self.val.index_copy_(0, R, both(self.val, val, 0).gather(1, src))
+        c = int(rc.max()) + 1
+        # per row its entries, then its candidates by rank; a row's unused candidate cells are empty
+        P = torch.full((G, cap + c), self.empty, dtype=self.prim.dtype, device=R.device)
+        K = torch.full((G, cap + c), -1, dtype=torch.long, device=R.device)
+        P[:, :cap] = self.prim.index_select(0, R)
+        K[:, :cap] = self.key.index_select(0, R)
+        at = ri * (cap + c) + cap + rc
+        P.view(-1)[at] = prim[ci]
+        K.view(-1)[at] = key[ci]
+        out = torch.zeros((G, cap + c), dtype=torch.bool, device=R.device).scatter_(1, _largest(P, K, c), True)
+        # as many entries lose as candidate cells win, row by row: the k-th losing entry of a row (column order)
+        # gives its place to the row's k-th winning cell. An entry that loses is real only if every empty entry
+        # and cell lost too, so a winning cell that is empty only ever lands on an empty entry: it is skipped
+        lose_r, lose_j = out[:, :cap].nonzero(as_tuple=True)
+        cell = torch.full((G * c,), -1, dtype=torch.long, device=R.device)
+        cell[ri * c + rc] = ci
+        win_r, win_j = (~out[:, cap:]).nonzero(as_tuple=True)
+        src = cell[win_r * c + win_j]
+        real = src >= 0
+        dst, src = R[lose_r[real]] * cap + lose_j[real], src[real]
+        self.prim.view(-1)[dst] = prim[src]
+        self.key.view(-1)[dst] = key[src]
+        self.val.view(-1)[dst] = val[src]
         if self.scale is not self.val:
-            self.scale.index_copy_(0, R, both(self.scale, scale, 0).gather(1, src))
-        self.slot.index_copy_(0, R, slot.to(torch.int16))
-        self.worst.index_copy_(0, R, newP[:, -1].contiguous())
+            self.scale.view(-1)[dst] = scale[src]
+        self.win.view(-1, self.width)[dst] = win[src]
+        self.worst.index_copy_(0, R, self.prim.index_select(0, R).amax(1))
 
     def merge(self, other: "_Bank", chunk: int = FEATURE_CHUNK) -> None:
         other.flush()
@@ -245,7 +255,7 @@ class _Bank:
 
     def tensors(self) -> dict:
         """The bank's tensors, each once (the top bank's scale is its val)."""
-        names = ("prim", "key", "val", "slot", "win") + (() if self.scale is self.val else ("scale",))
+        names = ("prim", "key", "val", "win") + (() if self.scale is self.val else ("scale",))
         return {k: getattr(self, k) for k in names}
 
 

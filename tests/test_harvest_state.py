@@ -1,5 +1,7 @@
 """The streaming harvest state against brute force on synthetic sparse codes: top-k, quantile bins,
 histograms, the explain/score split, and shard merges."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,32 @@ def test_a_merge_rewrites_only_the_rows_it_has_candidates_for():
     for k, v in st.top.tensors().items():
         assert torch.equal(v[others], before[k][others]), k
     assert not torch.equal(st.top.key[[3, 11]], before["key"][[3, 11]])
+
+
+@pytest.mark.parametrize("key_bits", [20, 40])    # 40: keys past 2^32, where the merge cannot pack them
+def test_bank_keeps_each_rows_smallest_entries_over_many_merges(key_bits):
+    """Candidates offered over several merges (rows receive 0 to many at a time): after flush each row holds
+    exactly the cap smallest (prim, key) it was offered, sorted, each with the window it came with."""
+    from sae.harvest import _Bank
+
+    g = torch.Generator().manual_seed(key_bits)
+    n, cap, width = 40, 6, 3
+    bank = _Bank(n, cap, width, torch.float32, math.inf, "cpu")
+    offered = []
+    for _ in range(12):
+        m = int(torch.randint(1, 60, (1,), generator=g))
+        f = torch.randint(0, n // 2, (m,), generator=g) * 2          # odd rows never get a candidate
+        prim = torch.randint(0, 8, (m,), generator=g).float() * -1.0    # ties in prim, broken by key
+        key = torch.randint(0, 1 << key_bits, (m,), generator=g)
+        win = torch.randint(0, 255, (m, width), generator=g, dtype=torch.uint8)
+        offered += list(zip(f.tolist(), prim.tolist(), key.tolist(), win))
+        bank.offer(f, prim, key, -prim, lambda i, win=win, prim=prim: (win[i], -prim[i]))
+        bank.merge_buffer()
+    bank.flush()
+    for row in range(n):
+        best = sorted({(p, k): w for r, p, k, w in offered if r == row}.items())[:cap]
+        got = [(float(p), int(k)) for p, k in zip(bank.prim[row], bank.key[row]) if k >= 0]
+        assert got == [pk for pk, _ in best], row
+        for j, (_, w) in enumerate(best):
+            assert torch.equal(bank.win[row, j], w)
+        assert (bank.key[row, len(best):] < 0).all()
