@@ -120,8 +120,9 @@ def main() -> None:
                 vals, idx = sae.encode_sparse(hm.activations(b).flatten(0, 1))
                 updates.add(torch.arange(i * batch, i * batch + len(b)), b, vals, idx, content_mask(b, tok))
         updates.flush()
-        st.top.flush()
-        st.res.flush()
+        # every candidate merged; sorting the rows for the readers happens once per harvest, in finalise
+        st.top.merge_buffer()
+        st.res.merge_buffer()
         sync()
         return st
 

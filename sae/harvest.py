@@ -327,12 +327,15 @@ class HarvestState:
         """The activations of group[i] in a window of width w around at[i], quantised to bytes, and their max.
         Only the groups asked for are laid out densely: most candidates are gone by now once rows are full."""
         w, L = self.width, self.L
-        row_of = torch.full((int(inv.max()) + 1 if inv.numel() else 1,), -1, dtype=torch.long, device=v.device)
-        uniq, compact = torch.unique(group, return_inverse=True)
-        row_of[uniq] = torch.arange(uniq.numel(), device=v.device)
+        # a dense row per group asked for, numbered in group order by a running count (a linear pass where
+        # torch.unique sorted them)
+        need = torch.zeros(int(inv.max()) + 1 if inv.numel() else 1, dtype=torch.bool, device=v.device)
+        need[group] = True
+        row_of = torch.where(need, need.cumsum(0) - 1, -1)
+        compact = row_of[group]
         mine = row_of[inv]
         hit = mine >= 0
-        dense = torch.zeros(uniq.numel() * L, device=v.device)
+        dense = torch.zeros(int(need.sum()) * L, device=v.device)
         dense[mine[hit] * L + pos[hit]] = v[hit]
         start = (at - w // 2).clamp(0, L - w)
         cells = (compact * L + start)[:, None] + torch.arange(w, device=v.device)
