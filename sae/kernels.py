@@ -91,10 +91,10 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rest of those k groups have max = t where enough such groups exist, else every group with an entry >= t is
     taken. Either way the k x G entries of the k chosen groups hold the row's k largest values, and a second
     top-k over them finishes: about n + k log(n/G) + kG log k work instead of torch's n log k."""
-    N, n = x.shape
-    G = TOPK_GROUP
-    if x.device.type != "cpu" or n % G or 4 * k * G > n or not x.is_contiguous():
+    G, n = TOPK_GROUP, x.shape[-1]
+    if x.dim() != 2 or x.device.type != "cpu" or n % G or 4 * k * G > n or not x.is_contiguous():
         return x.topk(k, dim=-1, sorted=False)
+    N = x.shape[0]
     width = n // G
     groups = x.view(N, G, width).amax(1).topk(k, dim=-1, sorted=False).indices        # [N, k]
     cols = (groups[:, :, None] + torch.arange(0, n, width, device=x.device)).view(N, k * G)

@@ -97,6 +97,11 @@ def test_topk_rows_equals_torch_topk():
     _same_topk(x, k)
     # where the two passes would not pay (k x G too large a share of the row): torch's top-k, same answer
     _same_topk(torch.randn(8, 2 * k * TOPK_GROUP, generator=g), k)
+    # more than two dimensions (tokens of a batch of contexts): torch's top-k along the last
+    x3 = torch.randn(2, 3, n, generator=g)
+    v3, i3 = topk_rows(x3, k)
+    assert torch.equal(v3.sort(-1).values, x3.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x3.gather(-1, i3), v3)
 
 
 def test_topk_sae_encodes_with_topk_rows():
