@@ -7,6 +7,7 @@ fault answers one request, in order, then normal replies resume. Faults: "429" (
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -176,3 +177,24 @@ class StubLLM:
                              "message": {"role": "assistant", "content": reply.content, "refusal": reply.refusal}}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(toks),
                           "total_tokens": prompt_tokens + len(toks)}}
+
+
+_OPEN: list = []
+
+
+def closing(client):
+    """client, closed at the end of the next run_closing(), on the loop it ran on: its HTTP session belongs to that
+    loop, and one left open warns at exit."""
+    _OPEN.append(client)
+    return client
+
+
+def run_closing(coro):
+    """asyncio.run(coro), then every client passed to closing() closed before the loop ends."""
+    async def go():
+        try:
+            return await coro
+        finally:
+            while _OPEN:
+                await _OPEN.pop().close()
+    return asyncio.run(go())

@@ -9,7 +9,7 @@ import pytest
 from interp.llm import Backoff, LLMClient, LLMError, NullClient, OpenAIClient, is_baseline, make_client
 from interp.records import Usage
 from sae.errors import InputError
-from tests.stub_llm import Reply, StubLLM
+from tests.stub_llm import Reply, StubLLM, closing, run_closing
 
 MSG = [{"role": "user", "content": "say something"}]
 
@@ -23,11 +23,10 @@ def stub():
 
 def client(stub, **kw):
     kw = {"timeout_s": 0.5, "max_retries": 2, "backoff": Backoff(0.01, 0.02), **kw}
-    return OpenAIClient(model="m", base_url=stub.url, api_key="sk-SECRET-123", **kw)
+    return closing(OpenAIClient(model="m", base_url=stub.url, api_key="sk-SECRET-123", **kw))
 
 
-def run(coro):
-    return asyncio.run(coro)
+run = run_closing
 
 
 def test_429_waits_for_retry_after_then_succeeds_and_the_hook_sees_it(stub):
@@ -120,7 +119,7 @@ def test_tokens_are_counted_per_call_and_accumulated(stub):
 
 def test_concurrency_limit_holds_under_load():
     with StubLLM(latency_s=0.1) as stub:
-        cl = OpenAIClient(model="m", base_url=stub.url, concurrency=3, timeout_s=5)
+        cl = closing(OpenAIClient(model="m", base_url=stub.url, concurrency=3, timeout_s=5))
 
         async def many():
             return await asyncio.gather(*(cl.chat(MSG) for _ in range(9)))
@@ -188,7 +187,8 @@ def test_connection_refused_names_the_endpoint_and_the_serve_hint():
     from interp.local_llm import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
-    cl = OpenAIClient(model="local", base_url=url, api_key="local", spec="openai:local", timeout_s=1, max_retries=0)
+    cl = closing(OpenAIClient(model="local", base_url=url, api_key="local", spec="openai:local", timeout_s=1,
+                              max_retries=0))
     with pytest.raises(LLMError, match=r"connection error: .* from openai:local at .*127\.0\.0\.1.*"
                                        r"gave up after 1 attempts; is `interp llm serve` running\?"):
         run(cl.chat(MSG))

@@ -1,6 +1,5 @@
 """Scorers through the real client and the stub over HTTP: simulation from logprobs and its JSON fallback,
 detection and fuzzing, the held-out guard, and the per-example breakdown."""
-import asyncio
 import json
 import re
 
@@ -12,7 +11,7 @@ from interp.scorers import classify, run_scorers, score_set, simulation
 from interp.simulator import Simulator
 from sae.errors import InputError
 from sae.records import Example, FeatureExamples
-from tests.stub_llm import Reply, StubLLM, simulation_reply
+from tests.stub_llm import Reply, StubLLM, closing, run_closing, simulation_reply
 
 
 def feature(n=6):
@@ -62,8 +61,8 @@ def stub():
 
 
 def client(stub, name="sim-model"):
-    return OpenAIClient(model=name, base_url=stub.url, api_key="k", timeout_s=5, max_retries=1,
-                        backoff=Backoff(0.01, 0.02))
+    return closing(OpenAIClient(model=name, base_url=stub.url, api_key="k", timeout_s=5, max_retries=1,
+                                backoff=Backoff(0.01, 0.02)))
 
 
 def all_prompt_text(stub):
@@ -72,7 +71,7 @@ def all_prompt_text(stub):
 
 def test_simulation_reads_expected_values_from_logprobs_on_the_score_set_only(stub):
     fe = feature()
-    s = asyncio.run(simulation(fe, "the digit 7", Simulator(client(stub))))
+    s = run_closing(simulation(fe, "the digit 7", Simulator(client(stub))))
     assert s.method == "logprobs" and s.prompt_version == "simulate-v1" and s.simulator == "openai:sim-model"
     # expected values 9.0 / 0.5 came from the renormalised top logprobs, not from the rounded text digits
     top = next(b for b in s.breakdown if b.kind == "top")
@@ -85,7 +84,7 @@ def test_simulation_reads_expected_values_from_logprobs_on_the_score_set_only(st
 
 def test_simulation_falls_back_to_json_without_logprobs_and_records_it(stub):
     stub.fault("nologprobs")
-    s = asyncio.run(simulation(feature(), "the digit 7", Simulator(client(stub))))
+    s = run_closing(simulation(feature(), "the digit 7", Simulator(client(stub))))
     assert s.method == "json" and s.prompt_version == "simulate-json-v1"
     top = next(b for b in s.breakdown if b.kind == "top")
     assert top.predicted == [0.0, 9.0, 0.0, 0.0]
@@ -95,7 +94,7 @@ def test_simulation_falls_back_to_json_without_logprobs_and_records_it(stub):
 
 def test_simulation_records_failed_sequences(stub):
     stub.fault("500", "500")
-    s = asyncio.run(simulation(feature(), "x", Simulator(client(stub))))
+    s = run_closing(simulation(feature(), "x", Simulator(client(stub))))
     assert s.failure.startswith("1/12 sequences failed: error: HTTP 500")
 
 
@@ -107,15 +106,15 @@ def test_wrong_label_simulates_worse_than_right_label(stub):
 
     stub.responder = literal
     fe = feature()
-    right = asyncio.run(simulation(fe, "the token 7", Simulator(client(stub))))
-    wrong = asyncio.run(simulation(fe, "the token 3", Simulator(client(stub))))
+    right = run_closing(simulation(fe, "the token 7", Simulator(client(stub))))
+    wrong = run_closing(simulation(fe, "the token 3", Simulator(client(stub))))
     assert right.value > 0.9 and wrong.value < 0.1
 
 
 @pytest.mark.parametrize("kind", ["detection", "fuzzing"])
 def test_detection_and_fuzzing_batches_of_five_with_auroc(stub, kind):
     fe = feature()
-    s = asyncio.run(classify(kind, fe, "the digit 7", client(stub)))
+    s = run_closing(classify(kind, fe, "the digit 7", client(stub)))
     assert len(stub.requests) == 3                          # 12 snippets in batches of 5, 5, 2
     assert s.values["balanced_accuracy"] == 1.0 and s.values["f1"] == 1.0 and s.values["auroc"] == 1.0
     assert s.method == "logprobs" and len(s.breakdown) == 12
@@ -126,7 +125,7 @@ def test_detection_and_fuzzing_batches_of_five_with_auroc(stub, kind):
 
 
 def test_fuzzing_marks_random_snippets_as_often_as_activating_ones(stub):
-    asyncio.run(classify("fuzzing", feature(), "x", client(stub)))
+    run_closing(classify("fuzzing", feature(), "x", client(stub)))
     snippets = [s for b in stub.requests for s in re.findall(r"^\d+\. (.*)$", b["messages"][1]["content"], re.M)]
     marks = [s.count("<<") for s in snippets]
     assert len(snippets) == 12 and all(m == 1 for m in marks)      # 1 firing token each; randoms get 1 too
@@ -134,7 +133,7 @@ def test_fuzzing_marks_random_snippets_as_often_as_activating_ones(stub):
 
 def test_detection_without_logprobs_has_no_auroc(stub):
     stub.fault("nologprobs", "nologprobs", "nologprobs")
-    s = asyncio.run(classify("detection", feature(), "the digit 7", client(stub)))
+    s = run_closing(classify("detection", feature(), "the digit 7", client(stub)))
     assert s.method == "json" and s.values["auroc"] is None and s.values["balanced_accuracy"] == 1.0
 
 
@@ -152,7 +151,7 @@ def test_a_leaked_snippet_is_dropped_and_counted_never_scored_nor_raised(stub):
     assert held.leaked == 1 and len(held.examples) == len(fe.split("score")) - 1
     leaked_ids = tuple(fe.split("explain")[0].token_ids)
     assert all(tuple(e.token_ids) != leaked_ids for e in held.examples)
-    scores = asyncio.run(run_scorers(fe, "the digit 7", ["simulation", "detection"], client(stub)))
+    scores = run_closing(run_scorers(fe, "the digit 7", ["simulation", "detection"], client(stub)))
     assert [s.values["leaked_dropped"] for s in scores] == [1, 1] and all(s.failure is None for s in scores)
     assert " we0" not in all_prompt_text(stub)                      # the leaked text reached no prompt
     assert score_set(feature()).leaked == 0
@@ -164,8 +163,8 @@ def test_normalised_simulation_scores_do_not_depend_on_the_feature_scale(stub):
     for e in big.examples:
         e.acts = [a * 1000 for a in e.acts]
     big.max_act *= 1000
-    a = asyncio.run(simulation(small, "the digit 7", Simulator(client(stub))))
-    b = asyncio.run(simulation(big, "the digit 7", Simulator(client(stub))))
+    a = run_closing(simulation(small, "the digit 7", Simulator(client(stub))))
+    b = run_closing(simulation(big, "the digit 7", Simulator(client(stub))))
     # the published raw-scale scores move with the scale; the stored normalised variants do not
     assert a.values["rsquared_score"] != pytest.approx(b.values["rsquared_score"])
     for k in ("rsquared_score_normalised", "absolute_dev_explained_score_normalised"):
@@ -180,7 +179,7 @@ def test_explainer_and_simulator_can_be_different_models(stub):
         scores = await run_scorers(feature(), ex.label, ["simulation", "detection"], client(stub, "sim-model"))
         return ex, scores
 
-    ex, scores = asyncio.run(both())
+    ex, scores = run_closing(both())
     assert ex.label == "the digit 7" and ex.explainer == "openai:explainer-model" and ex.prompt_version == "explain-v3"
     assert {s.simulator for s in scores} == {"openai:sim-model"}
     models = [b["model"] for b in stub.requests]
@@ -191,25 +190,25 @@ def test_explainer_and_simulator_can_be_different_models(stub):
 
 def test_explainer_retries_bad_answers_then_records_the_reason(stub):
     stub.fault("empty", "refusal", "empty")
-    ex = asyncio.run(LLMExplainer(client(stub), attempts=3).explain(feature()))
+    ex = run_closing(LLMExplainer(client(stub), attempts=3).explain(feature()))
     assert ex.label is None and ex.failure == "empty" and ex.attempts == 3
     # a retry after a bad answer samples rather than repeating the greedy one
     assert [b["temperature"] for b in stub.requests] == [0.0, 0.7, 0.7]
     stub.fault("refusal")
-    ok = asyncio.run(LLMExplainer(client(stub), attempts=3).explain(feature()))
+    ok = run_closing(LLMExplainer(client(stub), attempts=3).explain(feature()))
     assert ok.label == "the digit 7" and ok.attempts == 2 and ok.usage.calls == 2
     stub.fault("400")
-    err = asyncio.run(LLMExplainer(client(stub)).explain(feature()))
+    err = run_closing(LLMExplainer(client(stub)).explain(feature()))
     assert err.label is None and err.failure.startswith("error: HTTP 400")
 
 
 def test_run_scorers_rejects_llm_scorers_without_an_llm():
     with pytest.raises(InputError, match="need an LLM simulator"):
-        asyncio.run(run_scorers(feature(), "x", ["simulation"], NullClient()))
+        run_closing(run_scorers(feature(), "x", ["simulation"], NullClient()))
     with pytest.raises(InputError, match="need an LLM simulator"):
-        asyncio.run(run_scorers(feature(), "x", ["detection"], None))
+        run_closing(run_scorers(feature(), "x", ["detection"], None))
     with pytest.raises(InputError, match="unknown scorer 'simulatoin'"):
-        asyncio.run(run_scorers(feature(), "x", ["simulatoin"], None))
+        run_closing(run_scorers(feature(), "x", ["simulatoin"], None))
 
 
 def test_label_features_runs_a_chunk_concurrently_in_one_loop(monkeypatch):
@@ -222,7 +221,7 @@ def test_label_features_runs_a_chunk_concurrently_in_one_loop(monkeypatch):
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
         get_settings.cache_clear()
         try:
-            out = asyncio.run(label_features([feature() for _ in range(4)], "openai:explainer", "openai:sim",
+            out = run_closing(label_features([feature() for _ in range(4)], "openai:explainer", "openai:sim",
                                              ["detection"]))
         finally:
             get_settings.cache_clear()
@@ -248,7 +247,7 @@ def test_one_failing_feature_does_not_abort_the_chunk(stub):
         return await label_features([feature(), leaked_feature(), broken_feature(), feature()], "openai:sim-model",
                                     None, ["detection"], clients={"openai:sim-model": cl}), cl
 
-    out, cl = asyncio.run(chunk())
+    out, cl = run_closing(chunk())
     assert all(isinstance(r, LabelResult) for r in out)
     good, leaked, bad = [out[0], out[3]], out[1], out[2]
     assert all(r.explanation.failure is None and r.scores[0].value == 1.0 for r in good)
@@ -262,8 +261,8 @@ def test_one_failing_feature_does_not_abort_the_chunk(stub):
 def test_baseline_takes_the_llm_free_path_and_refuses_llm_scorers():
     from interp.scorers import label_features
 
-    (r,) = asyncio.run(label_features([feature()], "baseline", None, []))
+    (r,) = run_closing(label_features([feature()], "baseline", None, []))
     assert r.explanation.is_baseline and r.explanation.explainer == "baseline" and '" 7"' in r.explanation.label
     assert r.explanation.usage.calls == 0 and r.scores == []
     with pytest.raises(InputError, match="need an LLM simulator"):
-        asyncio.run(label_features([feature()], "baseline", None, ["detection"]))
+        run_closing(label_features([feature()], "baseline", None, ["detection"]))
