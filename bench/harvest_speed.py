@@ -33,19 +33,18 @@ def gpt2_sized(device):
 
 
 @torch.no_grad()
-def warm_state(sae, hm, ctxs, first_id, batch, latents, L, dev, tok, autocast) -> HarvestState:
-    """A state that has seen ctxs (context ids from first_id on, after the timed ones), built once and copied
-    for every timed run."""
-    st = HarvestState(latents, L, HarvestConfig(), dev)
-    updates = GroupedUpdates(st, group_tokens(dev))
-    for i in range(0, len(ctxs), batch):
-        b = torch.tensor(ctxs[i:i + batch], device=dev)
-        with autocast:
+def feed(st: HarvestState, batches, first_id: int, sae, hm, tok, autocast, group: int) -> HarvestState:
+    """Batches of contexts (ids from first_id on) through model, SAE and state, every candidate merged. Sorting
+    the rows for the readers is left to finalise: a harvest does it once."""
+    updates = GroupedUpdates(st, group)
+    with autocast:
+        for b in batches:
             vals, idx = sae.encode_sparse(hm.activations(b).flatten(0, 1))
-        updates.add(torch.arange(first_id + i, first_id + i + len(b)), b, vals, idx, content_mask(b, tok))
+            updates.add(torch.arange(first_id, first_id + len(b)), b, vals, idx, content_mask(b, tok))
+            first_id += len(b)
     updates.flush()
-    st.top.flush()
-    st.res.flush()
+    st.top.merge_buffer()
+    st.res.merge_buffer()
     return st
 
 
@@ -87,7 +86,8 @@ def main() -> None:
             break
     n_timed = -(-tokens // L)
     ctxs, warm_ctxs = ctxs[:n_timed], ctxs[n_timed:]
-    batches = [torch.tensor(ctxs[i:i + batch], device=dev) for i in range(0, len(ctxs), batch)]
+    batches, warm_batches = ([torch.tensor(c[i:i + batch], device=dev) for i in range(0, len(c), batch)]
+                             for c in (ctxs, warm_ctxs))
     n_tok = sum(b.numel() for b in batches)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.gpu)
 
@@ -111,22 +111,16 @@ def main() -> None:
     matmul = stage(lambda b: sae.pre_acts(hm.activations(b).flatten(0, 1)))
     encode = stage(lambda b: sae.encode_sparse(hm.activations(b).flatten(0, 1)))
 
-    @torch.no_grad()
+    group = args.group_tokens if args.group_tokens is not None else group_tokens(dev)
+
     def full_harvest(st=None):
-        st = HarvestState(latents, L, HarvestConfig(), dev) if st is None else st
-        updates = GroupedUpdates(st, args.group_tokens if args.group_tokens is not None else group_tokens(dev))
-        with autocast:
-            for i, b in enumerate(batches):
-                vals, idx = sae.encode_sparse(hm.activations(b).flatten(0, 1))
-                updates.add(torch.arange(i * batch, i * batch + len(b)), b, vals, idx, content_mask(b, tok))
-        updates.flush()
-        # every candidate merged; sorting the rows for the readers happens once per harvest, in finalise
-        st.top.merge_buffer()
-        st.res.merge_buffer()
+        st = feed(HarvestState(latents, L, HarvestConfig(), dev) if st is None else st, batches, 0, sae, hm, tok,
+                  autocast, group)
         sync()
         return st
 
-    warm = warm_state(sae, hm, warm_ctxs, n_timed, batch, latents, L, dev, tok, autocast) if warm_ctxs else None
+    warm = feed(HarvestState(latents, L, HarvestConfig(), dev), warm_batches, n_timed, sae, hm, tok, autocast,
+                group) if warm_batches else None
     bare()  # warm-up
     stages = {"bare forward (whole model)": bare, "stopped at the hook": stopped,
               "+ encoder matmul only (floor)": matmul, "+ SAE encode_sparse": encode,

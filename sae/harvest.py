@@ -82,21 +82,26 @@ def keyhash(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _mix32(x ^ (b >> 32))
 
 
+def _order_bits(prim: torch.Tensor) -> torch.Tensor:
+    """int32 ordered as prim (float32 without NaN or -0, or int32) is."""
+    if prim.dtype != torch.float32:
+        return prim
+    bits = prim.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)   # negative floats: flip the magnitude so order is integer order
+
+
 def _sortable(prim: torch.Tensor) -> torch.Tensor:
-    """int64 in [0, 2^32) ordered as prim (float32 without NaN or -0, or int32) is."""
-    if prim.dtype == torch.float32:
-        bits = prim.view(torch.int32)
-        prim = bits ^ ((bits >> 31) & 0x7FFFFFFF)   # negative floats: flip the magnitude so order is integer order
-    return prim.long() + (1 << 31)
+    """int64 in [0, 2^32) ordered as prim is."""
+    return _order_bits(prim).long() + (1 << 31)
 
 
 def _row_order(P: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Per row, the column order by (P, K) with the empty entries (K < 0) last whatever their P."""
     big = torch.iinfo(torch.long).max
     if int(K.max()) < 1 << 32:
-        # one sort: P's 32 order bits above the key's 32 bits, signed (the top bit taken off P's)
-        packed = ((_sortable(P) - (1 << 31)) << 32) | K
-        # empties in column order, so an empty old entry always comes before an empty candidate cell
+        # one sort: P's 32 order bits above the key's 32 bits
+        packed = (_order_bits(P).long() << 32) | K
+        # empties in column order, so a sorted row's order is the identity and flush() leaves it alone
         last = big - K.shape[1] + torch.arange(K.shape[1], device=K.device)
         return torch.where(K < 0, last, packed).sort(dim=1).indices
     o = torch.where(K < 0, big, K).sort(dim=1, stable=True).indices
@@ -108,10 +113,7 @@ def _largest(P: torch.Tensor, K: torch.Tensor, c: int) -> torch.Tensor:
     value, and K = -1) largest of all."""
     if int(K.max()) < M32:
         # P's order bits above the key's 32 bits (an empty entry's -1 becomes 2^32 - 1, above every key)
-        bits = P.view(torch.int32) if P.dtype == torch.float32 else P
-        if P.dtype == torch.float32:        # negative floats: flip the magnitude so order is integer order
-            bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        return ((bits.long() << 32) | (K & M32)).topk(c, dim=1, sorted=False).indices
+        return ((_order_bits(P).long() << 32) | (K & M32)).topk(c, dim=1, sorted=False).indices
     return _row_order(P, K)[:, -c:]
 
 
