@@ -1,7 +1,13 @@
 """The semantic arm's nearest-neighbour index: a usearch file beside the catalog, derived from the label
 embeddings that Postgres keeps (the source of truth), so it can be deleted and rebuilt at any time.
 
-The file records the catalog it was built from (search_catalog.uuid) and the last embedding seq it holds. At
+HNSW's walk cannot reach a label that is nobody's near neighbour: a label on a topic no other label shares
+(one vehicle label among a million about code) keeps its own edges, but every label near the query prunes its
+edge to it in favour of closer ones, so no query reaches it however wide the beam ("car" never found "automobiles
+and trucks" at 1 M labels, even at expansion 4,000). Such *isolated* labels, the ones with fewer than two others
+within ISOLATED_BELOW, are also kept in a small side index searched exactly, and `nearest` merges both.
+
+The files record the catalog they were built from (search_catalog.uuid) and the last embedding seq they hold. At
 each search, labels stored since then are embedded with MiniLM (a bounded number per search) and added
 incrementally; a file for another catalog, or an unreadable one, is rebuilt from Postgres. Updates take a file
 lock and are written to a temporary sibling and renamed, so a concurrent reader sees the old file or the new one.
@@ -13,6 +19,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +36,11 @@ MIN_SIMILARITY = 0.35
 # usearch's defaults (16, 128) build at about 1.5 k vectors/s a core here; these at about 6 k, and a search still
 # asks for 200 or more neighbours, so the few lost to a thinner graph do not change what the fusion sees
 HNSW = {"connectivity": 12, "expansion_add": 64}
+# A label whose second-nearest other label is below this cosine is isolated (3-4% of the synthetic 1 M catalog,
+# whose labels share words; at a few hundred labels, most). Two: a label stored twice is still alone.
+ISOLATED_BELOW = 0.5
+ISOLATION_EXPANSION = 16        # the walk that finds an added label's neighbours; a neighbour it misses only
+                                # makes the label look isolated, which costs an exact comparison, never a miss
 EMBED_PER_SEARCH = 2000         # labels embedded at one search; the rest wait for the next one (about 2 s of CPU)
 
 
@@ -105,11 +117,21 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-_OPEN: dict[Path, tuple[str, object]] = {}   # meta path -> (index file, index) kept open by this process
+@dataclass
+class LabelIndex:
+    """The HNSW graph over every label, and the isolated labels again, in an index searched exactly."""
+    graph: object
+    isolated: object
+
+    def __len__(self) -> int:
+        return len(self.graph)
 
 
-def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
-    """The usearch index holding every stored embedding, or None when there is none. Up to date: opened
+_OPEN: dict[Path, tuple[str, LabelIndex | None]] = {}   # meta path -> (index file, index) open in this process
+
+
+def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False) -> LabelIndex | None:
+    """The label index holding every stored embedding, or None when there is none. Up to date: opened
     memory-mapped (instant whatever its size) and kept open; behind: loaded, caught up and saved under the
     lock; unreadable or `rebuild`: rebuilt from Postgres."""
     try:
@@ -131,14 +153,42 @@ def sync_index(conn: psycopg.Connection, index_dir: str, rebuild: bool = False):
         raise SemanticUnavailable(f"the label index at {path} cannot be written ({e.strerror or e})") from None
 
 
-def _restore(file: Path, view: bool):
-    """The index in `file`, or None when it cannot be read (it is then rebuilt from Postgres)."""
+def _restore(file: Path, view: bool) -> LabelIndex | None:
+    """The index in `file` and its isolated labels beside it, or None when either cannot be read (they are then
+    rebuilt from Postgres)."""
     from usearch.index import Index
 
     try:
-        return Index.restore(str(file), view=view)
+        graph, isolated = (Index.restore(str(f), view=view) for f in (file, _isolated_file(file)))
     except (RuntimeError, ValueError):
         return None
+    return LabelIndex(graph, isolated) if graph is not None and isolated is not None else None
+
+
+def _isolated_file(file: Path) -> Path:
+    return file.with_suffix(".isolated.usearch")
+
+
+def _new_index(ndim: int) -> LabelIndex:
+    from usearch.index import Index
+
+    return LabelIndex(Index(ndim=ndim, metric="cos", dtype="f16", **HNSW),
+                      Index(ndim=ndim, metric="cos", dtype="f16"))
+
+
+def _add(index: LabelIndex, ids: np.ndarray, vecs: np.ndarray) -> None:
+    """Adds labels to the graph, and those of them that are isolated (see ISOLATED_BELOW) to the side index."""
+    index.graph.add(ids, vecs, log=False)
+    graph, expansion = index.graph, index.graph.expansion_search
+    graph.expansion_search = ISOLATION_EXPANSION
+    try:
+        near = graph.search(vecs, 3)
+    finally:
+        graph.expansion_search = expansion
+    sims = np.where(near.keys != ids[:, None], 1.0 - near.distances, -1.0)
+    alone = np.sort(sims, axis=1)[:, -2] < ISOLATED_BELOW
+    if alone.any():
+        index.isolated.add(ids[alone], vecs[alone], log=False)
 
 
 def _view(path: Path, file: str):
@@ -148,17 +198,15 @@ def _view(path: Path, file: str):
     return cached[1]
 
 
-def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool):
-    from usearch.index import Index
-
+def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool) -> LabelIndex | None:
     meta = _read_meta(path)       # again, under the lock: another process may have caught up meanwhile
     index = _restore(path.parent / meta["file"], view=False) if meta is not None and not rebuild else None
     seq = int(meta["seq"]) if index is not None else 0
     added = 0
     for ids, vecs, last in store.embeddings_since(conn, seq):
         if index is None:
-            index = Index(ndim=vecs.shape[1], metric="cos", dtype="f16", **HNSW)
-        index.add(ids, vecs, log=False)
+            index = _new_index(vecs.shape[1])
+        _add(index, ids, vecs)
         seq, added = last, added + len(ids)
     if index is not None and (added or rebuild or meta is None or seq != int(meta["seq"])):
         new = {"catalog": catalog, "seq": seq, "model": EMBED_MODEL}
@@ -167,22 +215,35 @@ def _catch_up(conn: psycopg.Connection, path: Path, catalog: str, rebuild: bool)
     return index
 
 
-def _save(index, path: Path, meta: dict, old: dict | None) -> None:
-    """A new index file under its own name, then the meta file replaced to point at it, then the old file gone."""
+def _save(index: LabelIndex, path: Path, meta: dict, old: dict | None) -> None:
+    """New index files under their own name, then the meta file replaced to point at them, then the old files
+    gone."""
     meta["file"] = f"{path.stem}-{meta['seq']}.usearch"
-    index.save(str(path.parent / meta["file"]))
+    file = path.parent / meta["file"]
+    index.isolated.save(str(_isolated_file(file)))
+    index.graph.save(str(file))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, path)
     if old is not None and old.get("file") != meta["file"]:
-        (path.parent / old["file"]).unlink(missing_ok=True)
+        for f in (path.parent / old["file"], _isolated_file(path.parent / old["file"])):
+            f.unlink(missing_ok=True)
 
 
-def nearest(index, vec: np.ndarray, k: int, min_similarity: float = MIN_SIMILARITY) -> list[tuple[int, float]]:
-    """(explanation id, cosine) nearest to `vec`: at most k, cosine at least min_similarity, best first."""
+def nearest(index: LabelIndex | None, vec: np.ndarray, k: int,
+            min_similarity: float = MIN_SIMILARITY) -> list[tuple[int, float]]:
+    """(explanation id, cosine) nearest to `vec`: at most k, cosine at least min_similarity, best first; from
+    the graph's walk and the exact search of the isolated labels."""
     if index is None or len(index) == 0:
         return []
-    matches = index.search(vec.astype(np.float32), min(k, len(index)))
-    return [(int(key), 1.0 - float(dist)) for key, dist in zip(matches.keys, matches.distances)
-            if 1.0 - dist >= min_similarity]
+    vec = vec.astype(np.float32)
+    found: dict[int, float] = {}
+    searches = [index.graph.search(vec, min(k, len(index.graph)))]
+    if len(index.isolated):
+        searches.append(index.isolated.search(vec, min(k, len(index.isolated)), exact=True))
+    for matches in searches:
+        for key, dist in zip(matches.keys, matches.distances):
+            if 1.0 - dist >= min_similarity:
+                found[int(key)] = max(found.get(int(key), -1.0), 1.0 - float(dist))
+    return sorted(found.items(), key=lambda kv: -kv[1])[:k]
 

@@ -1,0 +1,58 @@
+"""The semantic arm's index without services: isolated labels are kept beside the HNSW graph and found exactly."""
+import numpy as np
+import pytest
+
+from interp import label_index as li
+
+pytest.importorskip("usearch")
+D = 32
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def topic_and_loner(n=2000, seed=0):
+    """n labels about one topic (around axis 0), and one label (the last) about another (axis 1)."""
+    rng = np.random.default_rng(seed)
+    cluster = unit(np.eye(D)[0] + 0.15 * rng.normal(size=(n, D)))
+    loner = unit(np.eye(D)[1] + 0.05 * rng.normal(size=D))
+    return np.vstack([cluster, loner]).astype(np.float16), np.arange(n + 1, dtype=np.uint64)
+
+
+def test_labels_with_no_near_neighbour_go_to_the_exact_side_index():
+    vecs, ids = topic_and_loner()
+    index = li._new_index(D)
+    li._add(index, ids, vecs)
+    assert len(index.graph) == len(ids)
+    assert [int(k) for k in index.isolated.keys] == [len(ids) - 1]
+
+
+def test_nearest_finds_an_isolated_label_the_graph_cannot_reach():
+    vecs, ids = topic_and_loner()
+    index = li._new_index(D)
+    index.graph.add(ids[:-1], vecs[:-1])            # the walk's worst case: no edge leads to the loner at all
+    index.isolated.add(ids[-1:], vecs[-1:])
+    query = unit(np.eye(D)[0] + 2.0 * np.eye(D)[1])  # nearer the loner than any label of the topic
+    exact = vecs.astype(np.float32) @ query
+    assert exact.argmax() == len(ids) - 1
+    near = li.nearest(index, query, 10, min_similarity=0.0)
+    assert near[0][0] == len(ids) - 1 and near[0][1] == pytest.approx(exact.max(), abs=1e-3)
+    assert len(near) == 10 and [s for _, s in near] == sorted((s for _, s in near), reverse=True)
+    assert li.nearest(index, query, 10, min_similarity=0.95) == []
+
+
+def test_the_side_index_is_saved_and_restored_with_the_graph(tmp_path):
+    vecs, ids = topic_and_loner(n=500)
+    index = li._new_index(D)
+    li._add(index, ids, vecs)
+    path = tmp_path / "labels-cat.json"
+    li._save(index, path, {"catalog": "cat", "seq": 7, "model": li.EMBED_MODEL}, None)
+    restored = li._restore(tmp_path / "labels-cat-7.usearch", view=True)
+    assert len(restored) == len(ids) and [int(k) for k in restored.isolated.keys] == [len(ids) - 1]
+    li._save(li._new_index(D), path, {"catalog": "cat", "seq": 9, "model": li.EMBED_MODEL},
+             {"file": "labels-cat-7.usearch"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "labels-cat-9.isolated.usearch", "labels-cat-9.usearch", "labels-cat.json"]
+    (tmp_path / "labels-cat-9.isolated.usearch").unlink()
+    assert li._restore(tmp_path / "labels-cat-9.usearch", view=True) is None     # rebuilt from Postgres then
