@@ -56,3 +56,13 @@ def test_the_side_index_is_saved_and_restored_with_the_graph(tmp_path):
         "labels-cat-9.isolated.usearch", "labels-cat-9.usearch", "labels-cat.json"]
     (tmp_path / "labels-cat-9.isolated.usearch").unlink()
     assert li._restore(tmp_path / "labels-cat-9.usearch", view=True) is None     # rebuilt from Postgres then
+
+
+def test_a_query_is_embedded_as_the_sentence_transformer_encodes_it():
+    enc = li.load_encoder()
+    assert li._mean_pooled(enc) is not None                     # MiniLM takes the lean path
+    texts = ["car", "golden gate bridge in san francisco", "x" * 3000]      # the last one is truncated
+    want = enc.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    got = li.embed(texts, enc)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
