@@ -9,7 +9,8 @@ streamed exports.
   after (timed apart). rows/s counts explanations + scores.
 - Semantic arm: embedding millions of labels with MiniLM takes hours on 2 cores, so a label's vector here is the
   normalised sum of its words' MiniLM vectors (each vocabulary word embedded once by the real model); planted
-  labels and every query go through the real model. The usearch index is built from Postgres, timed.
+  labels and every query go through the real model. The usearch index is built from Postgres, timed, with the
+  count of isolated labels it also keeps for exact search.
 - Search: p50/p95 of the whole `interp.search.search` call (three arms, fusion, result rows) for selective
   queries (two tail words) and common words (the most frequent non-stop words; named in the output).
 - Export: jsonl and parquet of the SAE (N features, at most --export-n) in a child process each: seconds and
@@ -121,8 +122,9 @@ def embed_compositional(conn, vocab: list[str], index_dir: str, rebuild: bool = 
     bulk.vacuum_labels(conn)            # the bulk embedding rewrote every label row (see vacuum_labels)
     out["vacuum_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    label_index.sync_index(conn, index_dir, rebuild=rebuild)
+    index = label_index.sync_index(conn, index_dir, rebuild=rebuild)
     out["usearch_build_s"] = time.perf_counter() - t
+    out["isolated_labels"] = len(index.isolated)        # also searched exactly (see interp.label_index)
     return out
 
 
