@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import psycopg
 from pydantic import BaseModel
@@ -20,9 +21,8 @@ from sae.errors import InputError
 RRF_K = 60
 MAX_QUERY_CHARS = 1000   # labels are a sentence; a longer query is a mistake, and costs every arm
 MAX_LIMIT = 1000
-# The query's MiniLM embedding runs here while the text arms run in Postgres: torch and psycopg both release the
-# GIL, so on two cores the embedding (~15 ms) overlaps the SQL instead of adding to it. Two workers: the API
-# serves concurrent searches from its thread pool.
+# The semantic arm's embedding and walk (see start_semantic). Two workers: the API serves concurrent searches
+# from its thread pool.
 _EMBED_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-embed")
 
 
@@ -104,39 +104,53 @@ def build_filters(conn: psycopg.Connection, sae: str | None, scorer: str | None,
                          min_score=min_score, density_min=lo, density_max=hi)
 
 
-def embed_query(query: str) -> Future:
-    """The query's unit MiniLM vector, computed on a worker thread; `.result()` raises SemanticUnavailable when the
-    model cannot be loaded."""
+@dataclass
+class SemanticStart:
+    """The semantic arm under way: the synced index, and on a worker thread the query's vector and its first
+    `k` neighbours."""
+    index: object
+    k: int
+    walk: Future            # -> (vector, [(explanation id, cosine)])
+
+
+def start_semantic(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
+                   n: int = store.TOP_N, warn: Callable[[str], None] = lambda line: None) -> SemanticStart:
+    """Syncs the index (here: that needs the connection), then embeds the query and walks the index on a worker
+    thread while the text arms run in Postgres: torch and usearch both release the GIL, so on two cores the
+    embedding (~15-20 ms) and the walk (~5 ms at 1 M labels) overlap the SQL instead of adding to it. Raises
+    SemanticUnavailable when the model or the index cannot be had."""
     from interp import label_index
 
-    return _EMBED_POOL.submit(lambda: label_index.embed([query], label_index.load_encoder())[0])
-
-
-def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
-                 n: int = store.TOP_N, warn: Callable[[str], None] = lambda line: None,
-                 vector: Future | None = None) -> store.Ranked:
-    """Nearest labels to the query's MiniLM embedding (`vector`, when the caller started it already). The usearch
-    index cannot filter, so with filters set it is asked for twice the neighbours, and for ten times as many
-    only when the filters in SQL leave fewer than n of those."""
-    from interp import label_index
-
-    vector = vector or embed_query(query)
     encoder = label_index.load_encoder()
     if label_index.embed_pending(conn, encoder) == label_index.EMBED_PER_SEARCH:
         warn(f"more than {label_index.EMBED_PER_SEARCH:,} new labels wait for embeddings; the semantic arm "
              "covers them over the next searches")
     index = label_index.sync_index(conn, index_dir)
-    vec = vector.result()
     # An SAE filter alone usually keeps most neighbours (one SAE fills the catalog): 2n suffices, and costs a
-    # tenth of 10n in the HNSW walk (1 ms against 10 ms at 200 k labels). A neighbour list cut short by the
-    # similarity floor has nothing more to offer, so it is not asked again. Without filters, SQL still drops
+    # tenth of 10n in the HNSW walk (1 ms against 10 ms at 200 k labels). Without filters, SQL still drops
     # neighbours whose label was deleted since the index file was written.
-    kept: store.Ranked = []
-    for k in (n,) if flt == store.Filters() else (2 * n, 10 * n):
-        near = label_index.nearest(index, vec, k)
-        kept = store.filter_ranked(conn, near, flt, n)
-        if len(kept) >= n or len(near) < k:
-            break
+    k = n if flt == store.Filters() else 2 * n
+
+    def walk():
+        vec = label_index.embed([query], encoder)[0]
+        return vec, label_index.nearest(index, vec, k)
+
+    return SemanticStart(index, k, _EMBED_POOL.submit(walk))
+
+
+def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
+                 n: int = store.TOP_N, warn: Callable[[str], None] = lambda line: None,
+                 started: SemanticStart | None = None) -> store.Ranked:
+    """Nearest labels to the query's MiniLM embedding that pass the filters. The usearch index cannot filter, so
+    with filters set it is asked for twice the neighbours, and for ten times as many only when the filters in
+    SQL leave fewer than n of those (a list cut short by the similarity floor has nothing more to offer)."""
+    from interp import label_index
+
+    started = started or start_semantic(conn, query, flt, index_dir, n, warn)
+    vec, near = started.walk.result()
+    kept = store.filter_ranked(conn, near, flt, n)
+    if len(kept) < n and len(near) == started.k and started.k < 10 * n and flt != store.Filters():
+        kept = store.filter_ranked(conn, label_index.nearest(started.index, vec, 10 * n), flt, n)
     return kept
 
 
@@ -160,7 +174,16 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         raise InputError(f"--limit must be between 1 and {MAX_LIMIT}, got {limit}")
     query = clean_query(text)
     flt = build_filters(conn, sae, scorer, min_score, density)
-    vector = embed_query(query) if semantic else None
+    started = None
+    if semantic:
+        from interp.label_index import SemanticUnavailable
+        from interp.settings import get_settings
+
+        index_dir = index_dir or get_settings().search_index_dir
+        try:
+            started = start_semantic(conn, query, flt, index_dir, warn=warn)
+        except SemanticUnavailable as e:
+            warn(f"semantic search is off: {e}; using full text and trigram only")
     arms = [store.fulltext_arm(conn, query, flt)]
     # Trigrams are for typos and substrings. A query whose words are common lexemes already fills the full-text
     # arm, and its trigrams are common too: their GIN posting lists are the longest, so the arm is skipped.
@@ -169,13 +192,9 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
             arms.append(store.trigram_arm(conn, query, flt))
         except store.ArmTimeout as e:
             warn(str(e))
-    if semantic:
-        from interp.label_index import SemanticUnavailable
-        from interp.settings import get_settings
-
+    if started is not None:
         try:
-            arms.append(semantic_arm(conn, query, flt, index_dir or get_settings().search_index_dir,
-                                     warn=warn, vector=vector))
+            arms.append(semantic_arm(conn, query, flt, index_dir, started=started))
         except SemanticUnavailable as e:
             warn(f"semantic search is off: {e}; using full text and trigram only")
     fused = rrf([ranks(arm) for arm in arms])
