@@ -10,6 +10,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import psycopg
 from pydantic import BaseModel
@@ -113,6 +114,17 @@ class SemanticStart:
     walk: Future            # -> (vector, [(explanation id, cosine)])
 
 
+@lru_cache(maxsize=1024)
+def query_vector(query: str, encoder):
+    """The query's unit MiniLM vector, kept for the next search of the same text: the API and the dashboard
+    search the same text again as filters, limits or pages change, and the embedding is most of a search."""
+    from interp import label_index
+
+    vec = label_index.embed([query], encoder)[0]
+    vec.flags.writeable = False
+    return vec
+
+
 def start_semantic(conn: psycopg.Connection, query: str, flt: store.Filters, index_dir: str,
                    n: int = store.TOP_N, warn: Callable[[str], None] = lambda line: None) -> SemanticStart:
     """Syncs the index (here: that needs the connection), then embeds the query and walks the index on a worker
@@ -132,7 +144,7 @@ def start_semantic(conn: psycopg.Connection, query: str, flt: store.Filters, ind
     k = n if flt == store.Filters() else 2 * n
 
     def walk():
-        vec = label_index.embed([query], encoder)[0]
+        vec = query_vector(query, encoder)
         return vec, label_index.nearest(index, vec, k)
 
     return SemanticStart(index, k, _EMBED_POOL.submit(walk))

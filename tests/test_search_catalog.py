@@ -140,6 +140,18 @@ def test_hybrid_search_finds_text_typo_and_synonym(conn, sae, index_dir):
     assert LABELS[3][0] not in labels_of(search(conn, "car", sae=name, semantic=False))
 
 
+def test_a_query_searched_again_is_not_embedded_again(conn, sae, index_dir, monkeypatch):
+    from interp import label_index
+
+    real, asked = label_index.embed, []
+    monkeypatch.setattr(label_index, "embed", lambda texts, enc: asked.append(list(texts)) or real(texts, enc))
+    query = f"motor vehicles {os.getpid()}"      # not one an earlier test embedded in this process
+    first = search(conn, query, sae=sae[0], index_dir=index_dir)
+    again = search(conn, query, sae=sae[0], density=":1", index_dir=index_dir)
+    assert asked.count([query]) == 1
+    assert LABELS[3][0] in labels_of(first) and labels_of(again) == labels_of(first)
+
+
 def test_results_carry_scores_density_and_the_show_command(conn, sae, index_dir):
     top = search(conn, "golden gate bridge", sae=sae[0], index_dir=index_dir)[0]
     assert (top.sae, top.index, top.explainer) == (sae[0], 0, "openai:stub")
