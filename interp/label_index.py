@@ -215,7 +215,13 @@ def _add(index: LabelIndex, ids: np.ndarray, vecs: np.ndarray) -> None:
         near = graph.search(vecs, 3)
     finally:
         graph.expansion_search = expansion
-    sims = np.where(near.keys != ids[:, None], 1.0 - near.distances, -1.0)
+    keys, dists = np.atleast_2d(near.keys), np.atleast_2d(near.distances)
+    # a graph of fewer than 3 labels answers fewer: one query gets a shorter list, a batch pads its rows (key 0,
+    # distance NaN) past each row's count
+    counts = getattr(near, "counts", None)
+    found = np.arange(keys.shape[1]) < (np.atleast_1d(counts)[:, None] if counts is not None else keys.shape[1])
+    sims = 1.0 - np.where(found & (keys != ids[:, None]), dists, 2.0)      # cosine distance 2: similarity -1
+    sims = np.pad(sims, ((0, 0), (0, max(0, 2 - sims.shape[1]))), constant_values=-1.0)
     alone = np.sort(sims, axis=1)[:, -2] < ISOLATED_BELOW
     if alone.any():
         index.isolated.add(ids[alone], vecs[alone], log=False)

@@ -66,3 +66,19 @@ def test_a_query_is_embedded_as_the_sentence_transformer_encodes_it():
     got = li.embed(texts, enc)
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_catalog_of_one_two_or_three_labels_counts_only_the_labels_it_has():
+    rng = np.random.default_rng(1)
+    one_by_one = li._new_index(D)
+    for i in range(3):                                  # a new catalog, one label per search
+        li._add(one_by_one, np.array([i + 1], dtype=np.uint64), unit(rng.normal(size=(1, D))).astype(np.float16))
+    assert len(one_by_one) == 3 and len(one_by_one.isolated) == 3
+    twins = li._new_index(D)                            # a batch of two equal labels: each has one other, not two
+    li._add(twins, np.array([1, 2], dtype=np.uint64), np.repeat(unit(rng.normal(size=(1, D))), 2, 0).astype(np.float16))
+    assert sorted(int(k) for k in twins.isolated.keys) == [1, 2]
+    trio = li._new_index(D)                             # three near-equal labels: each has two others close by
+    base = unit(rng.normal(size=(1, D)))
+    li._add(trio, np.array([1, 2, 3], dtype=np.uint64),
+            unit(base + 0.01 * rng.normal(size=(3, D))).astype(np.float16))
+    assert len(trio.isolated) == 0
