@@ -161,7 +161,7 @@ def semantic_arm(conn: psycopg.Connection, query: str, flt: store.Filters, index
     started = started or start_semantic(conn, query, flt, index_dir, n, warn)
     vec, near = started.walk.result()
     kept = store.filter_ranked(conn, near, flt, n)
-    if len(kept) < n and len(near) == started.k and started.k < 10 * n and flt != store.Filters():
+    if len(kept) < n and len(near) == started.k and flt != store.Filters():     # asked for 2n: now 10n
         kept = store.filter_ranked(conn, label_index.nearest(started.index, vec, 10 * n), flt, n)
     return kept
 
@@ -186,16 +186,20 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         raise InputError(f"--limit must be between 1 and {MAX_LIMIT}, got {limit}")
     query = clean_query(text)
     flt = build_filters(conn, sae, scorer, min_score, density)
+    from interp.label_index import SemanticUnavailable
+
+    def semantic_off(e: SemanticUnavailable) -> None:
+        warn(f"semantic search is off: {e}; using full text and trigram only")
+
     started = None
     if semantic:
-        from interp.label_index import SemanticUnavailable
         from interp.settings import get_settings
 
         index_dir = index_dir or get_settings().search_index_dir
         try:
             started = start_semantic(conn, query, flt, index_dir, warn=warn)
         except SemanticUnavailable as e:
-            warn(f"semantic search is off: {e}; using full text and trigram only")
+            semantic_off(e)
     arms = [store.fulltext_arm(conn, query, flt)]
     # Trigrams are for typos and substrings. A query whose words are common lexemes already fills the full-text
     # arm, and its trigrams are common too: their GIN posting lists are the longest, so the arm is skipped.
@@ -208,7 +212,7 @@ def search(conn: psycopg.Connection, text: str, *, sae: str | None = None, score
         try:
             arms.append(semantic_arm(conn, query, flt, index_dir, started=started))
         except SemanticUnavailable as e:
-            warn(f"semantic search is off: {e}; using full text and trigram only")
+            semantic_off(e)
     fused = rrf([ranks(arm) for arm in arms])
     hits = store.label_hits(conn, contenders(fused, limit))
 
