@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,7 +24,11 @@ def sparsify_classes():
     """SparseCoder without sparsify's package __init__, which imports `datasets` for training only."""
     spec = importlib.util.find_spec("sparsify")
     if spec is None:
-        sys.exit("eai-sparsify is not installed: pip install --no-deps eai-sparsify natsort simple-parsing einops")
+        sys.exit("eai-sparsify is not installed: pip install --no-deps eai-sparsify==1.3.3 natsort "
+                 "simple-parsing docstring-parser einops accelerate")
+    if not torch.cuda.is_available():
+        # sparsify takes its Triton decoder whenever triton imports, and that one needs a GPU
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     pkg = types.ModuleType("sparsify")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["sparsify"] = pkg

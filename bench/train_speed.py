@@ -2,7 +2,8 @@
 
 Same config, same device, same process, equal batch, same initial weights, same learning rate and the same
 synthetic activations (a sparse mix of random unit directions, so FVU after training means something).
-Each side steps with its own trainer's Adam: ours fused (sae.train.adam), sparsify's torch.optim.Adam's
+Each side steps with its own trainer's Adam: ours fused (sae.optim.adam, with the decoder's projection and
+unit norm in its CUDA pass), sparsify's torch.optim.Adam's
 default; a third column runs ours with sparsify's optimiser, so the kernels' share shows on its own.
 Steps alternate in blocks between the sides, so a busy shared machine slows all alike.
 Prints a table and one JSON line.
@@ -15,35 +16,19 @@ Needs: pip install --no-deps eai-sparsify==1.3.3 natsort simple-parsing docstrin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import time
-import types
 
 import torch
+from sparsify_parity import sparsify_classes  # bench/ is on the path of a script run from it
 
 from sae.archs import SAEConfig, TopKSAE
-from sae.train import adam
+from sae.optim import SAEAdam, adam
 
 CPU_CONFIGS = [dict(name="cpu-384-4k", d=384, m=4096, k=16, batch=4096)]
 GPU_CONFIGS = [dict(name="gpt2s-32k", d=768, m=32768, k=32, batch=8192),
                dict(name="llama8b-131k", d=4096, m=131072, k=64, batch=4096)]
-
-
-def load_sparsify():
-    """sparsify's package __init__ imports its trainer and `datasets`; the coder itself needs neither."""
-    spec = importlib.util.find_spec("sparsify")
-    if spec is None:
-        sys.exit("eai-sparsify is not installed: pip install --no-deps eai-sparsify==1.3.3 natsort "
-                 "simple-parsing docstring-parser einops accelerate")
-    pkg = types.ModuleType("sparsify")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["sparsify"] = pkg
-    from sparsify.config import SparseCoderConfig
-    from sparsify.sparse_coder import SparseCoder
-    return SparseCoder, SparseCoderConfig
 
 
 class Synthetic:
@@ -66,17 +51,20 @@ class Synthetic:
 
 def optimiser_step(coder, opt, loss) -> None:
     """The rest of a step, the same for both coders (the methods share their names): backward, the gradient
-    along each decoder row removed, the optimiser's step, and the decoder rows back to unit norm."""
+    along each decoder row removed, the optimiser's step, and the decoder rows back to unit norm. Our trainer's
+    optimiser (sae.optim.SAEAdam) does the projection and the norm inside its step."""
     loss.backward()
-    coder.remove_gradient_parallel_to_decoder_directions()
+    if not isinstance(opt, SAEAdam):
+        coder.remove_gradient_parallel_to_decoder_directions()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    coder.set_decoder_norm_to_unit_norm()
+    if not isinstance(opt, SAEAdam):
+        coder.set_decoder_norm_to_unit_norm()
 
 
 def make_steps(c, device, SparseCoder, SparseCoderConfig, first: torch.Tensor, lr: float):
     """Three steps from the same initial weights: sparsify's, ours with the trainer's optimiser
-    (sae.train.adam, fused), and ours with sparsify's (torch.optim.Adam's default, what sparsify's trainer
+    (sae.optim.adam, fused), and ours with sparsify's (torch.optim.Adam's default, what sparsify's trainer
     takes for `--optimizer adam` without bitsandbytes), so the table says what the kernels alone give."""
     sp = SparseCoder(c["d"], SparseCoderConfig(num_latents=c["m"], k=c["k"]), device=device)
     with torch.no_grad():
@@ -162,7 +150,7 @@ def main():
     device = torch.device("cuda" if args.gpu else "cpu")
     if args.gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
-    classes = load_sparsify()
+    classes = sparsify_classes()
     rows = [run_config(c, device, args.steps, args.block, args.lr, classes)
             for c in (GPU_CONFIGS if args.gpu else CPU_CONFIGS)]
     dev_name = torch.cuda.get_device_name() if args.gpu else f"cpu x{torch.get_num_threads()} threads"

@@ -308,8 +308,8 @@ class TopKSAE(SparseAutoencoder):
         aux = auxk_loss(self, xc, pre, err, dead, total_var)
         with torch.no_grad():
             on = acts > 0
-            fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
-            fired[pattern.col[on]] = True
+            # index_add_, not a boolean index: that reads its count back to the host, a sync mid-step
+            fired = torch.zeros(self.cfg.n_latents, device=x.device).index_add_(0, pattern.col, on.float()) > 0
             l0 = on.sum().float() / x.shape[0]
         return StepOutput(fvu + aux / 32, recon, fvu, l0, fired, aux)
 

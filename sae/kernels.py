@@ -44,10 +44,7 @@ class Pattern:
     def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(perm, crow_t, row_sorted): entries sorted by column, for products with the pattern transposed."""
         perm = torch.argsort(self.col, stable=True)
-        counts = torch.bincount(self.col, minlength=self.n_cols)
-        crow_t = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.col.device)
-        torch.cumsum(counts, 0, out=crow_t[1:])
-        return perm, crow_t, self.row[perm]
+        return perm, _crow(self.col, self.n_cols), self.row[perm]
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.n_rows, self.n_cols),
@@ -76,6 +73,14 @@ class Pattern:
         return torch.sparse.sampled_addmm(S, a, W.to(a.dtype).t(), beta=0.0).values()
 
 
+def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n + 1] CSR row pointers for entries whose row is `index`. index_add_, not bincount: CUDA's bincount
+    reads the maximum back to the host, a sync that stalls the step's queue of kernels."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    crow[1:].index_add_(0, index, torch.ones_like(index))
+    return crow.cumsum_(0)
+
+
 TOPK_GROUP = 32     # entries per group of topk_rows' first pass
 
 
@@ -83,8 +88,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [N, k] of the k largest entries of each row of x [N, n], unsorted, as
     x.topk(k, dim=-1, sorted=False) gives them (an index may differ only among equal values).
 
-    On the CPU, in two passes where torch's one top-k over the whole row is slow (at n = 16,384 it cost a fifth
-    of the encoder product it follows). A row is cut into n/G strided groups of G = TOPK_GROUP entries, group g
+    In two passes where torch's one top-k over the whole row is slow: on the CPU at n = 16,384 it cost a fifth
+    of the encoder product it follows, and CUDA's radix select reads a long row several times. A row is cut into n/G strided groups of G = TOPK_GROUP entries, group g
     holding columns g, g + n/G, g + 2n/G, ... (strided so that the maxima are one vectorised pass of elementwise
     maxima over G contiguous slices). Let t be the row's k-th largest value. Fewer than k entries exceed t, so
     fewer than k groups have a max > t, and all of them are among the k groups with the largest maxima; the
@@ -92,7 +97,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     taken. Either way the k x G entries of the k chosen groups hold the row's k largest values, and a second
     top-k over them finishes: about n + k log(n/G) + kG log k work instead of torch's n log k."""
     G, n = TOPK_GROUP, x.shape[-1]
-    if x.dim() != 2 or x.device.type != "cpu" or n % G or 4 * k * G > n or not x.is_contiguous():
+    if x.dim() != 2 or n % G or 4 * k * G > n or not x.is_contiguous():
         return x.topk(k, dim=-1, sorted=False)
     N = x.shape[0]
     width = n // G
@@ -115,9 +120,7 @@ def flat_pattern(flat_idx: torch.Tensor, n_rows: int, n_cols: int) -> tuple[Patt
     order = torch.argsort(flat_idx)
     flat = flat_idx[order]
     rows, cols = flat // n_cols, flat % n_cols
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
-    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=crow[1:])
-    return Pattern(crow, cols, n_cols), order
+    return Pattern(_crow(rows, n_rows), cols, n_cols), order
 
 
 class _SparseLinear(torch.autograd.Function):
