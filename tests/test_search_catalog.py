@@ -13,6 +13,7 @@ from interp.store import search as store
 from interp.store.bulk import FeatureStats, copy_features, create_sae
 from interp.store.labels import upsert_explanation, upsert_score
 from interp.store.saes import SAEMeta
+from sae.errors import InputError
 
 # feature index -> (label, density, {scorer: value})
 LABELS = {
@@ -318,11 +319,25 @@ def test_bulk_copy_in_chunks_is_one_transaction_and_a_repeated_key_scores_once(c
             copy_labels(conn, sid, failing())
         count = conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sid,)).fetchone()[0]
         assert count == 5                                    # nothing of the failed load was kept
-        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        with pytest.raises(InputError, match=f"no SAE with id {sid + 10_000}"):
             copy_labels(conn, sid + 10_000, rows)            # the writer's error reaches the caller
         bulk.vacuum_labels(conn)
     finally:
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
+def test_deleting_an_sae_deletes_its_labels_and_scores_and_a_gone_sae_takes_no_labels(conn):
+    """explanations have no per-row key to saes (migration 008): the delete trigger and lock_sae stand in."""
+    (a, sa), (b, sb) = (make_sae(conn, {i: (f"label {i}", 0.5, {"embedding": 0.5}) for i in range(3)})
+                        for _ in range(2))
+    conn.execute("DELETE FROM saes WHERE id = %s", (sa,))
+    left = dict(conn.execute("SELECT e.sae_id, count(s.id) FROM explanations e LEFT JOIN scores s"
+                             " ON s.explanation_id = e.id WHERE e.sae_id = ANY(%s) GROUP BY 1", ([sa, sb],)))
+    assert left == {sb: 3}
+    with pytest.raises(InputError, match=f"no SAE with id {sa}"):
+        upsert_explanation(conn, sa, Explanation(sae=a, index=0, label="late", explainer="x", prompt_version="v"))
+    assert conn.execute("SELECT count(*) FROM explanations WHERE sae_id = %s", (sa,)).fetchone()[0] == 0
+    conn.execute("DELETE FROM saes WHERE id = %s", (sb,))
 
 
 def test_a_backlog_of_unembedded_labels_is_said_once_and_worked_off(conn, index_dir, monkeypatch):

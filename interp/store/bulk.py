@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from interp.db import analyze_partitions
 
-from .saes import SAEMeta, name_taken
+from .saes import SAEMeta, lock_sae, name_taken
 
 HIST_BINS = 50
 
@@ -211,6 +211,7 @@ class _Writer(threading.Thread):
     def write(self) -> None:
         conn = self.conn
         with conn.transaction():
+            lock_sae(conn, self.sid)
             conn.execute(_STAGE)
             # The staging table has no statistics, so the planner guesses millions of joined rows and JIT-compiles
             # every chunk's INSERT: half a second a chunk of compiling for a plan that runs in a few seconds.

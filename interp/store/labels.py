@@ -12,6 +12,8 @@ from pydantic import BaseModel
 
 from interp.records import Explanation, Score
 
+from .saes import lock_sae
+
 
 class ScoreView(BaseModel):
     scorer: str
@@ -39,7 +41,9 @@ def upsert_explanations(conn: psycopg.Connection, sid: int,
                         exs: list[Explanation]) -> dict[int, tuple[int, str | None]]:
     """Several features' labels (one explanation per feature) in one statement; returns {feature: (id, label
     stored after it)}, the label an earlier run's where one was kept. One statement for a worker's batch: a
-    round trip and a prepared execution per feature cost the worker's event loop more than the SQL."""
+    round trip and a prepared execution per feature cost the worker's event loop more than the SQL.
+    Inside a transaction, so that the SAE's row stays locked until the labels commit (see lock_sae)."""
+    lock_sae(conn, sid)
     rows = conn.execute(
         "INSERT INTO explanations (sae_id, feature, explainer, prompt_version, label, is_baseline, prompt_tokens,"
         " completion_tokens, failure) SELECT %s, * FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[],"

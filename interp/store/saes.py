@@ -62,6 +62,14 @@ def require_sae(conn: psycopg.Connection, name: str) -> int:
     return sid
 
 
+def lock_sae(conn: psycopg.Connection, sid: int) -> None:
+    """Locks the SAE's row against deletion until the transaction ends, or one line when it is gone: what a
+    foreign key to saes would check per written row, once (migration 008). Call it inside the writing
+    transaction."""
+    if conn.execute("SELECT 1 FROM saes WHERE id = %s FOR KEY SHARE", (sid,)).fetchone() is None:
+        raise InputError(f"no SAE with id {sid} in the catalog (deleted meanwhile?); its labels were not stored")
+
+
 def n_features(conn: psycopg.Connection, sid: int) -> int:
     return conn.execute("SELECT n_features FROM saes WHERE id = %s", (sid,)).fetchone()[0]
 
