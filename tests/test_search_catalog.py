@@ -326,6 +326,31 @@ def test_bulk_copy_in_chunks_is_one_transaction_and_a_repeated_key_scores_once(c
         conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
 
 
+def test_each_score_stores_its_own_values_and_per_example_breakdown(conn):
+    from interp.records import ExampleScore
+    from interp.store.labels import upsert_scores
+
+    name, sid = make_sae(conn, {})
+    try:
+        ids = [upsert_explanation(conn, sid, Explanation(sae=name, index=i, label=f"label {i}", explainer="x",
+                                                         prompt_version="v")) for i in range(3)]
+        scores = [Score(sae=name, index=i, scorer=scorer, simulator="stub", prompt_version="s1", label=f"label {i}",
+                        method="json", value=0.1 * i, values={"accuracy": 0.5 + i, "f1": None},
+                        breakdown=[ExampleScore(example=j, kind="top", true=[1.0, float(i)], predicted=1.0 * j,
+                                                probability=None) for j in range(i + 1)])
+                  for i in range(3) for scorer in ("detection", "fuzzing")]
+        upsert_scores(conn, [(ids[s.index], s) for s in scores])
+        stored = {(f, scorer): d for f, scorer, d in conn.execute(
+            "SELECT e.feature, s.scorer, s.details FROM scores s JOIN explanations e ON e.id = s.explanation_id"
+            " WHERE e.sae_id = %s", (sid,))}
+        assert len(stored) == 6
+        for s in scores:
+            assert stored[s.index, s.scorer] == {"values": s.values,
+                                                 "breakdown": [b.model_dump() for b in s.breakdown]}
+    finally:
+        conn.execute("DELETE FROM saes WHERE id = %s", (sid,))
+
+
 def test_deleting_an_sae_deletes_its_labels_and_scores_and_a_gone_sae_takes_no_labels(conn):
     """explanations have no per-row key to saes (migration 008): the delete trigger and lock_sae stand in."""
     (a, sa), (b, sb) = (make_sae(conn, {i: (f"label {i}", 0.5, {"embedding": 0.5}) for i in range(3)})

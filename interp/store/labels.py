@@ -7,7 +7,6 @@ attempt. So a redelivered task, or a label run again over the same features, nev
 from __future__ import annotations
 
 import psycopg
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from interp.records import Explanation, Score
@@ -78,10 +77,16 @@ def upsert_scores(conn: psycopg.Connection, scored: list[tuple[int, Score]]) -> 
     if not scored:
         return
     ss = [s for _, s in scored]
+    # the details go as one JSON array, each score's serialised by pydantic in one call: a jsonb[] parameter cost a
+    # worker a json.dumps and an array-quoting pass per score, and a model_dump per scored example
+    details = "[" + ",".join(s.model_dump_json(include={"values", "breakdown"}) for s in ss) + "]"
     conn.execute(
         "INSERT INTO scores (explanation_id, scorer, simulator, value, method, prompt_version, prompt_tokens,"
-        " completion_tokens, details, failure) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[],"
-        " %s::real[], %s::text[], %s::text[], %s::int[], %s::int[], %s::jsonb[], %s::text[])"
+        " completion_tokens, details, failure) SELECT u.eid, u.scorer, u.simulator, u.value, u.method, u.pv, u.pt,"
+        " u.ct, d.details, u.failure FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::real[], %s::text[],"
+        " %s::text[], %s::int[], %s::int[], %s::text[]) WITH ORDINALITY"
+        " AS u(eid, scorer, simulator, value, method, pv, pt, ct, failure, n)"
+        " JOIN jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS d(details, n) USING (n)"
         " ON CONFLICT (explanation_id, scorer, simulator) DO UPDATE SET value = EXCLUDED.value,"
         " method = EXCLUDED.method, prompt_version = EXCLUDED.prompt_version, details = EXCLUDED.details,"
         " prompt_tokens = scores.prompt_tokens + EXCLUDED.prompt_tokens,"
@@ -90,9 +95,7 @@ def upsert_scores(conn: psycopg.Connection, scored: list[tuple[int, Score]]) -> 
         " WHERE scores.value IS NULL AND scores.failure IS NOT NULL",
         ([eid for eid, _ in scored], [s.scorer for s in ss], [s.simulator for s in ss], [s.value for s in ss],
          [s.method for s in ss], [s.prompt_version for s in ss], [s.usage.prompt_tokens for s in ss],
-         [s.usage.completion_tokens for s in ss],
-         [Jsonb({"values": s.values, "breakdown": [b.model_dump() for b in s.breakdown]}) for s in ss],
-         [s.failure for s in ss]))
+         [s.usage.completion_tokens for s in ss], [s.failure for s in ss], details))
 
 
 def labels_of(conn: psycopg.Connection, sid: int, index: int) -> list[LabelView]:
