@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from sae.archs import SAEConfig, TopKSAE
-from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
+from sae.kernels import TOPK_GROUP as GROUPS
+from sae.kernels import flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
 
 
 def _inputs(n=10, d=4, m=12, seed=0):
@@ -83,6 +84,7 @@ def _same_topk(x, k):
 
 
 def test_topk_rows_equals_torch_topk():
+    TOPK_GROUP = GROUPS["cpu"]
     g = torch.Generator().manual_seed(0)
     n, k = 64 * TOPK_GROUP, 16
     _same_topk(torch.randn(50, n, generator=g), k)
