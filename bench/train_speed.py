@@ -54,11 +54,12 @@ def optimiser_step(coder, opt, loss) -> None:
     along each decoder row removed, the optimiser's step, and the decoder rows back to unit norm. Our trainer's
     optimiser (sae.optim.SAEAdam) does the projection and the norm inside its step."""
     loss.backward()
-    if not isinstance(opt, SAEAdam):
+    apart = not isinstance(opt, SAEAdam)
+    if apart:
         coder.remove_gradient_parallel_to_decoder_directions()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if not isinstance(opt, SAEAdam):
+    if apart:
         coder.set_decoder_norm_to_unit_norm()
 
 

@@ -94,10 +94,10 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     In two passes where torch's one top-k over the whole row is slow: on the CPU at n = 16,384 it cost a fifth
     of the encoder product it follows, and CUDA's radix select reads a long row several times. A row is cut
     into n/G strided groups of G = TOPK_GROUP[device] entries, group g holding columns g, g + n/G, g + 2n/G, ...
-    (strided so that the maxima are one vectorised pass of elementwise maxima over G contiguous slices). Let t be the row's k-th largest value. Fewer than k entries exceed t, so
-    fewer than k groups have a max > t, and all of them are among the k groups with the largest maxima; the
-    rest of those k groups have max = t where enough such groups exist, else every group with an entry >= t is
-    taken. Either way the k x G entries of the k chosen groups hold the row's k largest values, and a second
+    (strided so that the maxima are one vectorised pass of elementwise maxima over G contiguous slices).
+    Let t be the row's k-th largest value. Fewer than k entries exceed t, so fewer than k groups have a max > t,
+    and all of them are among the k groups with the largest maxima; the rest of those k groups have max = t
+    where enough such groups exist, else every group with an entry >= t is taken. Either way the k x G entries of the k chosen groups hold the row's k largest values, and a second
     top-k over them finishes: about n + k log(n/G) + kG log k work instead of torch's n log k."""
     G, n = TOPK_GROUP.get(x.device.type, 32), x.shape[-1]
     if x.dim() != 2 or n % G or 4 * k * G > n or not x.is_contiguous():
