@@ -296,3 +296,19 @@ def test_a_chunk_loads_two_batches_at_a_time_and_calls_before_the_last_load(conn
     assert most[0] <= labelling.LOADS_AHEAD and len(starts) == 30
     # the pipeline starts on the first batch, not once the whole chunk is in memory
     assert stub.request_times[calls_before] < starts[-1]
+
+
+def test_a_worker_process_freezes_its_heap_before_its_first_two_chunks_only():
+    # in a child process: freezing this one would take the test session's heap out of the collector's sight
+    code = """
+import gc
+from interp import labelling
+counts, alive = [], []
+for _ in range(3):
+    alive.append([[] for _ in range(100)])  # alive before the chunk: frozen by the first two calls only
+    labelling.settle_gc()
+    counts.append(gc.get_freeze_count())
+print(counts[0] > 0, counts[1] > counts[0] + 99, counts[2] == counts[1], gc.get_threshold()[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "True", "50000"], out.stderr[-2000:]
