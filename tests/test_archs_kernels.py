@@ -97,6 +97,9 @@ def test_topk_rows_equals_torch_topk():
     x[1, torch.arange(k)] += 100
     x[2] = -torch.arange(n, dtype=torch.float32)       # all negative, descending
     _same_topk(x, k)
+    # long enough rows that the group maxima are themselves cut into groups, ties included
+    _same_topk(torch.randn(20, 8 * k * TOPK_GROUP ** 2, generator=g), k)
+    _same_topk(torch.randint(0, 3, (20, 8 * k * TOPK_GROUP ** 2), generator=g).float(), k)
     # where the two passes would not pay (k x G too large a share of the row): torch's top-k, same answer
     _same_topk(torch.randn(8, 2 * k * TOPK_GROUP, generator=g), k)
     # more than two dimensions (tokens of a batch of contexts): torch's top-k along the last
