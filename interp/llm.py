@@ -24,6 +24,10 @@ from sae.errors import InputError, first_line
 from .records import Usage
 
 log = logging.getLogger(__name__)
+# the SDK's telemetry headers: per client, then per request (its own retries are counted by our hooks)
+TELEMETRY = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
+             "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async")
+TELEMETRY_PER_REQUEST = ("X-Stainless-Retry-Count", "X-Stainless-Read-Timeout")
 # the statuses the openai SDK retries itself (its _should_retry): a failure with one of these came after retries
 SDK_RETRIED = {408, 409, 429}
 
@@ -163,8 +167,13 @@ class OpenAIClient:
         # which is most of a worker's CPU at 64 calls in flight
         http = openai.DefaultAioHttpClient(event_hooks={"request": [self._on_request],
                                                         "response": [self._on_response]})
+        # the SDK's telemetry headers (X-Stainless-*) left out with its own `omit`: no endpoint needs them, and
+        # its httpx layer normalises every header some six times per request
         self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
-                                          max_retries=self.max_retries, timeout=self.timeout_s, http_client=http)
+                                          max_retries=self.max_retries, timeout=self.timeout_s, http_client=http,
+                                          default_headers=dict.fromkeys(TELEMETRY, openai.omit))
+        self._url = f"{str(self._client.base_url).rstrip('/')}/chat/completions"   # absolute: one parse less
+        self._omit = dict.fromkeys(TELEMETRY_PER_REQUEST, openai.omit)
         self._sem = asyncio.Semaphore(self.concurrency)
         self.usage = Usage()
         self.spec = self.spec or f"openai:{self.model}"
@@ -229,8 +238,9 @@ class OpenAIClient:
                     # the SDK's documented raw request (its retries, timeouts and errors, as `create` has):
                     # `create` spends more CPU on transforming the typed params and building pydantic models
                     # than on the HTTP call; the body is read here into plain records instead
-                    resp = await self._client.post("/chat/completions", body=kwargs, cast_to=httpx2.Response,
-                                                   options={"idempotency_key": self._next_key()})
+                    resp = await self._client.post(self._url, body=kwargs, cast_to=httpx2.Response,
+                                                   options={"idempotency_key": self._next_key(),
+                                                            "headers": self._omit})
                 return self._completion(json.loads(resp.content), spent)
             except openai.APIStatusError as e:
                 code = e.status_code

@@ -61,6 +61,7 @@ class StubLLM:
         self.latency_s, self.stall_s, self.retry_after = latency_s, stall_s, retry_after
         self.responder: Callable[[dict], Reply] = lambda body: Reply("Label: a placeholder answer")
         self.requests: list[dict] = []
+        self.headers: list[tuple[str, dict[str, str]]] = []     # (path, headers) of each request
         self.request_times: list[float] = []
         self._faults: deque[str] = deque()
         self.in_flight = self.max_in_flight = 0
@@ -116,6 +117,7 @@ class StubLLM:
                     return self._send(404, b'{"error": {"message": "not found"}}')
                 with stub._lock:
                     stub.requests.append(body)
+                    stub.headers.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                     stub.request_times.append(time.monotonic())
                 fault = stub._next_fault()
                 with stub._lock:

@@ -142,6 +142,15 @@ def test_api_key_never_in_repr_or_logs(stub, caplog):
     assert "retry 1" in caplog.text
 
 
+def test_requests_go_under_the_base_path_with_the_key_and_without_the_sdk_telemetry(stub):
+    stub.fault("503")
+    run(client(stub).chat(MSG))
+    assert [path for path, _ in stub.headers] == ["/v1/chat/completions"] * 2      # the call and its retry
+    for _, h in stub.headers:
+        assert h["authorization"] == "Bearer sk-SECRET-123" and h["content-type"] == "application/json"
+        assert not [k for k in h if k.startswith("x-stainless")], h     # left out: each costs the SDK CPU per call
+
+
 def test_spec_parsing(monkeypatch):
     from interp.settings import get_settings
 
