@@ -81,9 +81,9 @@ def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
     return crow.cumsum_(0)
 
 
-# entries per group of topk_rows' first pass, by device: measured best on each (at 1,024 x 16,384, k=32, one
-# EPYC core: G=8 22-24 ms, G=32 30-35, torch's top-k 32-34; on an H200 at 4,096 x 131,072, k=64: G=32 0.99 ms,
-# G=16 1.04, torch's 3.80)
+# entries per group of topk_rows' passes, by device: measured best on each (at 1,024 x 16,384, k=32, one EPYC
+# core, groups found by torch's top-k: G=8 22-24 ms, G=32 30-35, torch's top-k 32-34; found by topk_rows itself:
+# G=8 17-20, G=4 17-20, G=16 24-27; on an H200 at 4,096 x 131,072, k=64: G=32 0.99 ms, G=16 1.04, torch's 3.80)
 TOPK_GROUP = {"cpu": 8, "cuda": 32}
 
 
@@ -100,8 +100,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     where enough such groups exist, else every group with an entry >= t is taken. Either way the k x G entries
     of the k chosen groups hold the row's k largest values, and a second top-k over them finishes.
     The k groups are themselves the top k of the n/G group maxima, found the same way while that row is long
-    enough: at 1,024 x 16,384, k=32 on one EPYC core, 17-18 ms where one level took 20-22 and torch's top-k 33 (torch's
-    per-row top-k over the 2,048 maxima had been two thirds of the time)."""
+    enough: at 1,024 x 16,384, k=32 on one EPYC core, 17-18 ms where one level took 20-22 and torch's top-k 33
+    (torch's per-row top-k over the 2,048 maxima had been two thirds of the time)."""
     G, n = TOPK_GROUP.get(x.device.type, 32), x.shape[-1]
     if x.dim() != 2 or n % G or 4 * k * G > n or not x.is_contiguous():
         return x.topk(k, dim=-1, sorted=False)
