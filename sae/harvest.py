@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .configs import HarvestConfig
 from .errors import InputError
@@ -724,6 +725,9 @@ class GroupedUpdates:
         elif self.parts:
             ids, tokens, vals, idx, masks = zip(*self.parts)
             mask = None if masks[0] is None else torch.cat(masks)
+            # a JumpReLU's codes are as wide as a batch's most active token: zeros pad them to the widest
+            m = max(v.shape[1] for v in vals)
+            vals, idx = ([F.pad(t, (0, m - t.shape[1])) for t in ts] for ts in (vals, idx))
             self.state.update(torch.cat(ids), torch.cat(tokens), torch.cat(vals), torch.cat(idx), mask)
         self.parts, self.n = [], 0
 

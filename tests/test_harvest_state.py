@@ -186,7 +186,10 @@ def test_grouping_batches_into_one_update_changes_nothing(full):
     st = HarvestState(F, L, CFG)
     updates = GroupedUpdates(st, min_tokens=5 * B * L)   # groups of 5, then a last group of 4
     for bi in range(24):
-        updates.add(*synthetic_batch(bi))
+        ids, tokens, vals, idx = synthetic_batch(bi)
+        # codes of different widths, as a JumpReLU's are (zeros pad a batch's rows to its widest)
+        pad = bi % 3
+        updates.add(ids, tokens, torch.nn.functional.pad(vals, (0, pad)), torch.nn.functional.pad(idx, (0, pad)))
     assert len(updates.parts) == 4
     updates.flush()
     assert not updates.parts
