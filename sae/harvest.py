@@ -240,9 +240,11 @@ class _Bank:
         real = src >= 0
         dst, src = R[lose_r[real]] * cap + lose_j[real], src[real]
         # index_copy_, not an indexed assignment: half the time, the windows' most of all
-        for name, col in (("prim", prim), ("key", key), ("val", val)) + ((("scale", scale),)
-                                                                         if self.scale is not self.val else ()):
-            getattr(self, name).view(-1).index_copy_(0, dst, col.index_select(0, src))
+        moved = [(self.prim, prim), (self.key, key), (self.val, val)]
+        if self.scale is not self.val:
+            moved.append((self.scale, scale))
+        for t, col in moved:
+            t.view(-1).index_copy_(0, dst, col.index_select(0, src))
         self.win.view(-1, self.width).index_copy_(0, dst, win.index_select(0, src))
         self.worst.index_copy_(0, R, self.prim.index_select(0, R).amax(1))
 

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.archs import SAEConfig, TopKSAE
-from sae.kernels import TOPK_GROUP as GROUPS
-from sae.kernels import flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
+from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
 
 
 def _inputs(n=10, d=4, m=12, seed=0):
@@ -84,24 +83,24 @@ def _same_topk(x, k):
 
 
 def test_topk_rows_equals_torch_topk():
-    TOPK_GROUP = GROUPS["cpu"]
+    G = TOPK_GROUP["cpu"]     # the tensors below are on the CPU
     g = torch.Generator().manual_seed(0)
-    n, k = 64 * TOPK_GROUP, 16
+    n, k = 64 * G, 16
     _same_topk(torch.randn(50, n, generator=g), k)
     # ties everywhere: a few distinct values, so the k-th value is shared by many entries and groups
     _same_topk(torch.randint(0, 4, (50, n), generator=g).float(), k)
     # a row's whole top k inside one strided group (columns g, g + n/G, ...), and in k different groups
     x = torch.randn(4, n, generator=g)
-    width = n // TOPK_GROUP
-    x[0, 3 + width * torch.arange(TOPK_GROUP)[:k]] += 100
+    width = n // G
+    x[0, 3 + width * torch.arange(G)[:k]] += 100
     x[1, torch.arange(k)] += 100
     x[2] = -torch.arange(n, dtype=torch.float32)       # all negative, descending
     _same_topk(x, k)
     # long enough rows that the group maxima are themselves cut into groups, ties included
-    _same_topk(torch.randn(20, 8 * k * TOPK_GROUP ** 2, generator=g), k)
-    _same_topk(torch.randint(0, 3, (20, 8 * k * TOPK_GROUP ** 2), generator=g).float(), k)
+    _same_topk(torch.randn(20, 8 * k * G ** 2, generator=g), k)
+    _same_topk(torch.randint(0, 3, (20, 8 * k * G ** 2), generator=g).float(), k)
     # where the two passes would not pay (k x G too large a share of the row): torch's top-k, same answer
-    _same_topk(torch.randn(8, 2 * k * TOPK_GROUP, generator=g), k)
+    _same_topk(torch.randn(8, 2 * k * G, generator=g), k)
     # more than two dimensions (tokens of a batch of contexts): torch's top-k along the last
     x3 = torch.randn(2, 3, n, generator=g)
     v3, i3 = topk_rows(x3, k)
