@@ -166,11 +166,11 @@ class _Bank:
 
     def offer(self, f, prim, key, val, windows) -> None:
         """Candidates (feature, prim, key, val); windows(i) -> (uint8 [len(i), width], scale [len(i)])."""
-        keep = (prim <= self.worst[f]).nonzero().squeeze(1)
+        keep = (prim <= self.worst.index_select(0, f)).nonzero().squeeze(1)
         if keep.numel() == 0:
             return
         win, scale = windows(keep)
-        self.buf.append((f[keep], prim[keep], key[keep], val[keep], scale, win))
+        self.buf.append((*(t.index_select(0, keep) for t in (f, prim, key, val)), scale, win))
         self.buf_size += keep.numel()
         if self.buf_size >= self.flush_at:
             self.merge_buffer()
@@ -201,8 +201,9 @@ class _Bank:
         f, prim, key = cols[:3]
         # (feature, prim, key) order: by key, then stably by feature and prim packed into one int64
         order = torch.sort(key, stable=True).indices
-        order = order[torch.sort((f[order] << 32) | _sortable(prim[order]), stable=True).indices]
-        fs = f[order]
+        packed = (f.index_select(0, order) << 32) | _sortable(prim.index_select(0, order))
+        order = order.index_select(0, torch.sort(packed, stable=True).indices)
+        fs = f.index_select(0, order)
         rank = _ranks(fs)
         best = rank < self.cap                   # only a feature's best cap candidates can enter its row
         order, fs, rank = order[best], fs[best], rank[best]
@@ -226,8 +227,8 @@ class _Bank:
         P[:, :cap] = self.prim.index_select(0, R)
         K[:, :cap] = self.key.index_select(0, R)
         at = ri * (cap + c) + cap + rc
-        P.view(-1)[at] = prim[ci]
-        K.view(-1)[at] = key[ci]
+        P.view(-1)[at] = prim.index_select(0, ci)
+        K.view(-1)[at] = key.index_select(0, ci)
         out = torch.zeros((G, cap + c), dtype=torch.bool, device=R.device).scatter_(1, _largest(P, K, c), True)
         # as many entries lose as candidate cells win, row by row: the k-th losing entry of a row (column order)
         # gives its place to the row's k-th winning cell. An entry that loses is real only if every empty entry
@@ -236,9 +237,10 @@ class _Bank:
         cell = torch.full((G * c,), -1, dtype=torch.long, device=R.device)
         cell[ri * c + rc] = ci
         win_r, win_j = (~out[:, cap:]).nonzero(as_tuple=True)
-        src = cell[win_r * c + win_j]
-        real = src >= 0
-        dst, src = R[lose_r[real]] * cap + lose_j[real], src[real]
+        src = cell.index_select(0, win_r * c + win_j)
+        real = (src >= 0).nonzero().squeeze(1)
+        dst = R.index_select(0, lose_r.index_select(0, real)) * cap + lose_j.index_select(0, real)
+        src = src.index_select(0, real)
         # index_copy_, not an indexed assignment: half the time, the windows' most of all
         moved = [(self.prim, prim), (self.key, key), (self.val, val)]
         if self.scale is not self.val:
@@ -291,6 +293,7 @@ class HarvestState:
                mask: torch.Tensor | None = None) -> None:
         """ctx_ids [B] global context indices, tokens [B, L], the SAE's sparse code (vals, idx) [B*L, m], and
         mask [B, L]: False where a token is left out (a context's leading CLS/BOS, an outlier)."""
+        # 1-D gathers here and in the banks by index_select: x[i] took 3-5x its time on the CPU (300 k entries)
         B, L = tokens.shape
         dev = self.device
         ctx_ids = ctx_ids.to(dev, torch.long)
@@ -300,16 +303,17 @@ class HarvestState:
         self.n_tokens += B * L if mask is None else int(mask.sum())
         for c, t in zip(ctx_ids.tolist(), tokens.to(torch.int32).cpu()):
             self.contexts[c] = t
-        rows, slot = (vals > 0).nonzero(as_tuple=True)
-        f, v = idx[rows, slot], vals[rows, slot]
+        fired = (vals.reshape(-1) > 0).nonzero().squeeze(1)
+        f, v = idx.reshape(-1).index_select(0, fired), vals.reshape(-1).index_select(0, fired)
+        rows = fired // vals.shape[1]
         local, pos = rows // L, rows % L
-        key = ctx_ids[local] * L + pos
+        key = ctx_ids.index_select(0, local) * L + pos
 
         # per (feature, context) group: its max and the max's first position
         g = f * B + local
         ug, inv = torch.unique(g, return_inverse=True)
         gmax = torch.zeros(ug.numel(), device=dev).scatter_reduce_(0, inv, v, "amax", include_self=False)
-        cand_pos = torch.where(v == gmax[inv], pos, torch.full_like(pos, L))
+        cand_pos = torch.where(v == gmax.index_select(0, inv), pos, torch.full_like(pos, L))
         gpos = torch.full((ug.numel(),), L, dtype=torch.long, device=dev).scatter_reduce_(0, inv, cand_pos, "amin")
         gf, gl = ug // B, ug % B
 
@@ -318,10 +322,10 @@ class HarvestState:
         self._hist(gf, gmax, f, v)
 
         def windows(group, at):
-            return lambda i: self._windows(inv, pos, v, group[i], at[i])
+            return lambda i: self._windows(inv, pos, v, group.index_select(0, i), at.index_select(0, i))
 
         gid = torch.arange(ug.numel(), device=dev)
-        self.top.offer(gf, -gmax, ctx_ids[gl] * L + gpos, gmax, windows(gid, gpos))
+        self.top.offer(gf, -gmax, ctx_ids.index_select(0, gl) * L + gpos, gmax, windows(gid, gpos))
         self.res.offer(f, (keyhash(self.cfg.seed, f, key) - (1 << 31)).int(), key, v, windows(inv, pos))
         self._pool(ctx_ids, local, f)
         if len(self.contexts) > self._prune_at:
@@ -336,8 +340,8 @@ class HarvestState:
         need = torch.zeros(int(inv.max()) + 1 if inv.numel() else 1, dtype=torch.bool, device=v.device)
         need[group] = True
         row_of = torch.where(need, need.cumsum(0) - 1, -1)
-        compact = row_of[group]
-        mine, spare = row_of[inv], int(need.sum()) * L
+        compact = row_of.index_select(0, group)
+        mine, spare = row_of.index_select(0, inv), int(need.sum()) * L
         # the other groups' firings all land in one spare cell past the end: one scatter, not three masked copies
         dense = torch.zeros(spare + 1, device=v.device).scatter_(0, torch.where(mine >= 0, mine * L + pos, spare), v)
         start = (at - w // 2).clamp(0, L - w)
@@ -357,7 +361,7 @@ class HarvestState:
         mant, exp = torch.frexp(bmax)
         # the smallest power of two >= bmax, exactly
         hi = torch.ldexp(torch.ones_like(bmax), exp - (mant == 0.5).long())
-        old = self.hist_hi[uf]
+        old = self.hist_hi.index_select(0, uf)
         grow = (hi > old) & (old > 0)
         if bool(grow.any()):
             g = uf[grow]
@@ -367,7 +371,7 @@ class HarvestState:
         self.hist_hi[uf] = torch.maximum(old, hi)
         # v * nb / hi: division by a power of two is exact, so a value lands in the same bin whether it was
         # counted before or after the range doubled (floor(floor(x) / 2) == floor(x / 2))
-        b = torch.floor(v * nb / self.hist_hi[f]).long().clamp(0, nb - 1)
+        b = torch.floor(v * nb / self.hist_hi.index_select(0, f)).long().clamp(0, nb - 1)
         self.hist.view(-1).index_add_(0, f * nb + b, torch.ones_like(b))
 
     def _pool(self, ctx_ids, local, f) -> None:
@@ -742,6 +746,7 @@ def group_tokens(device: torch.device) -> int:
     return 16_384 if device.type == "cuda" else 4_096
 
 
+@torch.no_grad()
 def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = None, batch_size: int = 16,
             shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
     """Streams `tokens` tokens of `corpus` (this shard's part), in contexts of cfg.ctx_len tokens, through model
@@ -764,12 +769,15 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     mine = n_ctx * ctx_len // shard[1]
     updates = GroupedUpdates(state, group_tokens(dev))
+    # the pre-activations' buffer, reused batch after batch on the CPU (SparseAutoencoder.pre_acts); CUDA's
+    # caching allocator already reuses the memory, and autocast takes no out=
+    scratch = torch.empty(batch_size * ctx_len, sae.cfg.n_latents, dtype=sae.W_enc.dtype) if dev.type == "cpu" else None
     t0 = time.perf_counter()
     with tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False) as bar:
         for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
             with autocast:
                 x = hooked.activations(tok).flatten(0, 1)
-                vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype))
+                vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype), scratch)
             updates.add(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
             bar.update(tok.numel())
             if not updates.parts:  # the state has just taken a group
