@@ -116,3 +116,18 @@ def test_topk_sae_encodes_with_topk_rows():
     ref = sae.pre_acts(x).topk(8, dim=-1)
     assert torch.equal(vals.sort(-1).values, ref.values.relu().sort(-1).values)
     assert torch.equal(sae.encode(x), torch.zeros(32, 4096).scatter_(-1, ref.indices, ref.values.relu()))
+
+
+def test_encoding_into_a_reused_buffer_equals_a_fresh_one():
+    from sae.archs import ARCHS, build
+
+    torch.manual_seed(0)
+    buf = torch.full((40, 512), float("nan"))       # left over from an earlier, larger batch
+    for arch in ARCHS:
+        sae = build(SAEConfig(d_in=16, n_latents=512, k=8, arch=arch)).eval()
+        with torch.no_grad():
+            for n in (40, 7):                       # the last batch of a harvest is shorter
+                x = torch.randn(n, 16)
+                assert torch.equal(sae.pre_acts(x, buf), sae.pre_acts(x)), arch
+                fresh, reused = sae.encode_sparse(x), sae.encode_sparse(x, buf)
+                assert all(torch.equal(a, b) for a, b in zip(fresh, reused)), arch
