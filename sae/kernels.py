@@ -18,6 +18,8 @@ from functools import cached_property
 
 import torch
 
+from . import native
+
 # torch.sparse CSR is marked beta; we build the patterns ourselves, sorted and in range, so say so once
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -81,9 +83,9 @@ def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
     return crow.cumsum_(0)
 
 
-# entries per group of topk_rows' passes, by device: measured best on each (at 1,024 x 16,384, k=32, one EPYC
-# core, groups found by torch's top-k: G=8 22-24 ms, G=32 30-35, torch's top-k 32-34; found by topk_rows itself:
-# G=8 17-20, G=4 17-20, G=16 24-27; on an H200 at 4,096 x 131,072, k=64: G=32 0.99 ms, G=16 1.04, torch's 3.80)
+# entries per group of topk_rows' passes where the C kernel does not answer, by device: measured best on each
+# (at 1,024 x 16,384, k=32, one EPYC core: G=8 17-20 ms, G=4 17-20, G=16 24-27, torch's top-k 33; on an H200 at
+# 4,096 x 131,072, k=64: G=32 0.99 ms, G=16 1.04, torch's 3.80)
 TOPK_GROUP = {"cpu": 8, "cuda": 32}
 
 
@@ -91,17 +93,23 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [N, k] of the k largest entries of each row of x [N, n], unsorted, as
     x.topk(k, dim=-1, sorted=False) gives them (an index may differ only among equal values).
 
-    In two passes where torch's one top-k over the whole row is slow: on the CPU at n = 16,384 it cost a fifth
-    of the encoder product it follows, and CUDA's radix select reads a long row several times. A row is cut
-    into n/G strided groups of G = TOPK_GROUP[device] entries, group g holding columns g, g + n/G, g + 2n/G, ...
-    (strided so that the maxima are one vectorised pass of elementwise maxima over G contiguous slices).
-    Let t be the row's k-th largest value. Fewer than k entries exceed t, so fewer than k groups have a max > t,
-    and all of them are among the k groups with the largest maxima; the rest of those k groups have max = t
-    where enough such groups exist, else every group with an entry >= t is taken. Either way the k x G entries
-    of the k chosen groups hold the row's k largest values, and a second top-k over them finishes.
-    The k groups are themselves the top k of the n/G group maxima, found the same way while that row is long
-    enough: at 1,024 x 16,384, k=32 on one EPYC core, 17-18 ms where one level took 20-22 and torch's top-k 33
-    (torch's per-row top-k over the 2,048 maxima had been two thirds of the time)."""
+    torch's one top-k over a long row is slow: on the CPU at n = 16,384 it cost a fifth of the encoder product
+    it follows, and CUDA's radix select reads a long row several times. On the CPU a float32 matrix goes to the
+    C kernel of sae/native.py, which reads each row once (at 1,024 x 16,384, k=32 on one EPYC core: 5.5 ms,
+    against 18 for the two passes below). Elsewhere, or where it does not answer, two passes of torch ops:
+    a row is cut into n/G strided groups of G = TOPK_GROUP[device] entries, group g holding columns
+    g, g + n/G, g + 2n/G, ... (strided so that the maxima are one vectorised pass of elementwise maxima over G
+    contiguous slices). Let t be the row's k-th largest value. Fewer than k entries exceed t, so fewer than k
+    groups have a max > t, and all of them are among the k groups with the largest maxima; the rest of those k
+    groups have max = t where enough such groups exist, else every group with an entry >= t is taken. Either
+    way the k x G entries of the k chosen groups hold the row's k largest values, and a second top-k over them
+    finishes. The k groups are themselves the top k of the n/G group maxima, found the same way while that row
+    is long enough."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+            and 0 < k <= x.shape[1] and x.shape[0]):
+        idx = native.topk_indices(x, k)
+        if idx is not None:
+            return x.gather(1, idx), idx
     G, n = TOPK_GROUP.get(x.device.type, 32), x.shape[-1]
     if x.dim() != 2 or n % G or 4 * k * G > n or not x.is_contiguous():
         return x.topk(k, dim=-1, sorted=False)

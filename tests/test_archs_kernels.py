@@ -1,9 +1,12 @@
 """The sparse kernels equal their dense definitions, forward and backward."""
+import pytest
 import torch
 import torch.nn.functional as F
 
+from sae import native
 from sae.archs import SAEConfig, TopKSAE
 from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
+from tests.helpers import missing_tool
 
 
 def _inputs(n=10, d=4, m=12, seed=0):
@@ -82,7 +85,18 @@ def _same_topk(x, k):
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all()                 # each index once
 
 
-def test_topk_rows_equals_torch_topk():
+@pytest.fixture(params=["C kernel", "torch ops"])
+def topk_path(request, monkeypatch):
+    """topk_rows on the CPU through the C kernel of sae/native.py, and through its torch fallback."""
+    if request.param == "C kernel":
+        if not native.available():
+            missing_tool("the C top-k of sae/native.py did not build (is a C compiler with OpenMP installed?)")
+    else:
+        monkeypatch.setattr(native, "topk_indices", lambda x, k: None)
+    return request.param
+
+
+def test_topk_rows_equals_torch_topk(topk_path):
     G = TOPK_GROUP["cpu"]     # the tensors below are on the CPU
     g = torch.Generator().manual_seed(0)
     n, k = 64 * G, 16
@@ -106,6 +120,52 @@ def test_topk_rows_equals_torch_topk():
     v3, i3 = topk_rows(x3, k)
     assert torch.equal(v3.sort(-1).values, x3.topk(k, dim=-1).values.sort(-1).values)
     assert torch.equal(x3.gather(-1, i3), v3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_rows_c_kernel_on_awkward_rows(topk_path, threads):
+    """Shapes and values that reach every branch of csrc/topk.c: rows not a whole number of its 32-entry blocks,
+    fewer blocks than k, k = n, heavy tails (its threshold narrows over several levels), ties, -inf entries."""
+    g = torch.Generator().manual_seed(1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k in [(16_384, 32), (1000, 7), (31, 5), (100, 10), (64, 64), (4096, 1), (777, 200)]:
+            _same_topk(torch.randn(33, n, generator=g), k)
+        heavy = torch.randn(40, 8192, generator=g).exp() ** 4         # a few huge entries, most near zero
+        heavy[::3, 5] = 1e30
+        _same_topk(heavy, 32)
+        _same_topk(torch.randint(0, 2, (40, 4096), generator=g).float(), 32)
+        _same_topk(torch.full((3, 4096), 2.5), 16)
+        x = torch.randn(10, 4096, generator=g)
+        x[:, 100:2000] = -torch.inf                                    # whole blocks of -inf, and a part block
+        _same_topk(x, 32)
+        _same_topk(torch.randn(10, 300, generator=g).masked_fill(torch.rand(10, 300, generator=g) < 0.9,
+                                                                -torch.inf), 40)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_topk_rows_with_nan_or_inf_answers_as_torch(topk_path):
+    """The C kernel declines rows with NaN (torch ranks NaN highest) or an infinite block max, and torch answers."""
+    g = torch.Generator().manual_seed(2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(8, 2048, generator=g)
+        x[3, 700] = bad
+        x[5, 64:96] = bad                                              # a whole block
+        if topk_path == "C kernel":
+            assert native.topk_indices(x, 16) is None
+        vals, idx = topk_rows(x, 16)
+        ref = x.topk(16, dim=-1, sorted=False).values
+        torch.testing.assert_close(vals.sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(x.gather(1, idx), vals, equal_nan=True, rtol=0, atol=0)
+
+
+def test_topk_rows_gradient_reaches_the_selected_entries(topk_path):
+    x = torch.randn(6, 4096, requires_grad=True)
+    vals, idx = topk_rows(x, 8)
+    vals.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(6, 4096).scatter_(1, idx, 1.0))
 
 
 def test_topk_sae_encodes_with_topk_rows():
