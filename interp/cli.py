@@ -118,19 +118,26 @@ def harvest_cmd(
     batch_size: int = typer.Option(16, "--batch-size", help="contexts per forward"),
     shards: Optional[int] = typer.Option(None, help="N: queue N shard tasks for the workers (see --queue)"),
     queue: Optional[str] = typer.Option(None, help="with --shards: the queue (default: settings.harvest_queue)"),
+    checkpoint_every: float = typer.Option(300.0, "--checkpoint-every",
+                                           help="seconds between progress checkpoints (0: none)"),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Stream a corpus through model and SAE; store each feature's examples and stats in the catalog.
-    With --shards N, queue it as N Celery tasks instead (`interp worker --queues harvest` runs them)."""
+    With --shards N, queue it as N Celery tasks instead (`interp worker --queues harvest` runs them).
+    Progress is saved every --checkpoint-every seconds beside the shard states: the same command, run again
+    after a crash or a kill, goes on from there."""
     from interp.harvest_job import harvest_to_catalog
 
+    if not checkpoint_every >= 0:
+        raise InputError(f"--checkpoint-every takes seconds >= 0 (0: no checkpoints), got {checkpoint_every}")
     if shards is not None or queue is not None:
         if shards is None or shard is not None or state_dir is not None:
             raise InputError("--queue needs --shards N, and --shards takes neither --shard nor --state-dir "
                              "(the workers' states go under settings.harvest_state_root)")
         return _queue_harvest(sae, name, corpus, tokens, cfg, shards, queue, replace, device, batch_size, json_out)
     summary = harvest_to_catalog(sae, name, corpus, tokens, cfg=cfg, shard=shard, replace=replace, device=device,
-                                 batch_size=batch_size, state_dir=state_dir, progress=sys.stderr.isatty())
+                                 batch_size=batch_size, state_dir=state_dir, progress=sys.stderr.isatty(),
+                                 checkpoint_every=checkpoint_every)
     if json_out:
         emit_json(summary)
     else:

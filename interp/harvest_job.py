@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from interp.store.harvest import write_harvest
 from interp.store.saes import SAEMeta, lock_session, name_taken, sae_id
 from interp.store.vocab import store_vocab, vocab_key
 from sae.configs import HarvestConfig
 from sae.errors import InputError
+
+if TYPE_CHECKING:
+    from sae.harvest import Checkpoint
 
 
 def tokenizer_vocab(tokenizer) -> list[str]:
@@ -50,9 +54,10 @@ def _logits(hm, sae, n_logits: int):
     return logit_tokens(sae.W_dec.detach(), W_U.detach(), n_logits) if W_U.shape[1] == sae.cfg.d_in else None
 
 
-def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int) -> dict | None:
-    """Saves this shard's state, then, under the name's merge lock, merges every shard's state into `state`
-    and returns None; or returns why this shard does not merge (another did, or some are still missing)."""
+def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int, ck: Checkpoint | None) -> dict | None:
+    """Saves this shard's state (its progress checkpoint then goes), then, under the name's merge lock, merges
+    every shard's state into `state` and returns None; or returns why this shard does not merge (another did,
+    or some are still missing)."""
     from sae.harvest import HarvestState
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,8 @@ def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int) -> dict |
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     state.save(tmp)
     os.replace(tmp, target)  # a shard file is either complete or absent
+    if ck:
+        ck.path.unlink(missing_ok=True)
     # saved before the lock, checked under it: of shards finishing together exactly one merges
     lock_session(conn, "harvest-merge:" + name)
     if not target.exists():
@@ -76,16 +83,20 @@ def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int) -> dict |
 def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cfg: HarvestConfig | None = None,
                        shard: str | None = None, replace: bool = False, device: str = "auto",
                        batch_size: int = 16, state_dir: str | None = None, progress: bool = True,
-                       url: str | None = None) -> dict:
+                       url: str | None = None, checkpoint_every: float = 300.0) -> dict:
     """Harvests an SAE directory over a corpus into the catalog as NAME; returns the --json summary.
 
     With --shard i/n the shard's partial state goes to state_dir. Each shard then takes a session advisory
     lock on NAME and looks again: the one that finds all n states merges them (exactly the unsharded result),
     writes the catalog and deletes the states before letting go; a shard that finds its own state gone was
-    merged by another, and one that finds states missing waits for their shards."""
+    merged by another, and one that finds states missing waits for their shards.
+
+    Every `checkpoint_every` seconds (0: never) the harvest saves its progress to the same folder, and a harvest
+    of the same SAE, corpus and arguments started after a crash or a kill goes on from there. The checkpoint is
+    deleted once the shard's state is saved or the catalog written."""
     from interp.db import connect, migrate
     from sae.formats import load_sae
-    from sae.harvest import harvest, parse_shard
+    from sae.harvest import Checkpoint, harvest, parse_shard
     from sae.models import hooked
 
     t0 = time.perf_counter()
@@ -102,11 +113,15 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
             raise InputError(f"the SAE in {sae_path} does not say which model it reads; its cfg.json needs model/layer/site")
         hm = hooked(sae.cfg.model, sae.cfg.layer, sae.cfg.site, device)
         sae = sae.to(hm.device)
-        state = harvest(hm, sae, corpus, tokens, cfg, batch_size=batch_size, shard=(i, n), progress=progress)
         folder = Path(state_dir or f"runs/harvest-{name}")
-        if n > 1 and (why := _claim_merge(conn, name, state, folder, i, n)) is not None:
+        ck = Checkpoint(folder / f"progress-{i}-of-{n}.pt", sha, checkpoint_every) if checkpoint_every > 0 else None
+        state = harvest(hm, sae, corpus, tokens, cfg, batch_size=batch_size, shard=(i, n), progress=progress,
+                        checkpoint=ck)
+        resumed = state.resumed_tokens
+        if n > 1 and (why := _claim_merge(conn, name, state, folder, i, n, ck)) is not None:
             return {"features": sae.cfg.n_latents, "examples": 0, "tokens": state.n_tokens,
-                    "seconds": round(time.perf_counter() - t0, 2), "shard": f"{i}/{n}", **why}
+                    "seconds": round(time.perf_counter() - t0, 2), "shard": f"{i}/{n}", "resumed_tokens": resumed,
+                    **why}
         vocab = tokenizer_vocab(hm.tokenizer)
         key = vocab_key(sae.cfg.model, vocab)
         store_vocab(conn, key, vocab)
@@ -117,8 +132,10 @@ def harvest_to_catalog(sae_path: str, name: str, corpus: str, tokens: int, *, cf
         if n > 1:  # still under the lock: a shard that looks next finds its state gone, i.e. merged
             for j in range(n):
                 _shard_file(folder, j, n).unlink(missing_ok=True)
+        elif ck:
+            ck.path.unlink(missing_ok=True)
         return {"features": out["features"], "examples": out["examples"], "tokens": state.n_tokens,
                 "seconds": round(time.perf_counter() - t0, 2), "labels_kept": out["labels_kept"],
-                "duplicates_dropped": state.duplicates_dropped}
+                "duplicates_dropped": state.duplicates_dropped, "resumed_tokens": resumed}
     finally:
         conn.close()

@@ -33,11 +33,16 @@ histograms) still count every token: they describe the corpus as it is.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +56,7 @@ EMPTY_HASH = 1 << 62
 SUM_SCALE = 1 << 16          # activation sums are kept in fixed point so shard merges add exactly
 KINDS = ("top", "quantile", "random")
 SPLITS = ("explain", "score")
+log = logging.getLogger(__name__)
 FEATURE_CHUNK = 16384        # feature rows handled at a time where all rows at once would make a large transient
 
 
@@ -163,6 +169,15 @@ class _Bank:
         self.buf_size = 0
         entry = 8 + self.prim.element_size() + 8 + 4 + 4 + width
         self.flush_at = max(1 << 16, min(n * cap // 2, self.BUFFER_BYTES // entry))
+
+    def to(self, device) -> "_Bank":
+        shared = self.scale is self.val
+        for name in ("prim", "key", "val", "scale", "win", "worst"):
+            setattr(self, name, getattr(self, name).to(device))
+        if shared:
+            self.scale = self.val
+        self.buf = [tuple(t.to(device) for t in part) for part in self.buf]
+        return self
 
     def offer(self, f, prim, key, val, windows) -> None:
         """Candidates (feature, prim, key, val); windows(i) -> (uint8 [len(i), width], scale [len(i)])."""
@@ -286,6 +301,7 @@ class HarvestState:
         self.contexts: dict[int, torch.Tensor] = {}           # ctx -> token ids, pruned to the referenced
         self._prune_at = 4096
         self.duplicates_dropped = 0                           # set by result_chunks
+        self.resumed_tokens = 0                               # set where a harvest resumes this state
 
     # ---------------------------------------------------------------- streaming
     @torch.no_grad()
@@ -439,16 +455,31 @@ class HarvestState:
         new_bin = torch.arange(hist.shape[1], device=hist.device)[None] // ratio[:, None]
         return torch.zeros_like(hist).scatter_add_(1, new_bin, hist)
 
-    def save(self, path) -> None:
+    def save(self, path, **extra) -> None:
+        """The whole state to `path`, with any `extra` entries beside it (read back by `load_with`)."""
         self.top.flush()
         self.res.flush()
-        torch.save(self.__dict__, path)
+        torch.save({"state": self.__dict__, **extra}, path)
 
     @classmethod
-    def load(cls, path) -> "HarvestState":
+    def load(cls, path, device="cpu") -> "HarvestState":
+        return cls.load_with(path, device)[0]
+
+    @classmethod
+    def load_with(cls, path, device="cpu") -> tuple["HarvestState", dict]:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
         st = cls.__new__(cls)
-        st.__dict__.update(torch.load(path, map_location="cpu", weights_only=False))
-        return st
+        st.__dict__.update(saved.pop("state"))
+        return st.to(device), saved
+
+    def to(self, device) -> "HarvestState":
+        """The per-feature tensors on `device`; the contexts and the pool stay on the host, as update keeps them."""
+        self.device = torch.device(device)
+        for name in ("n_fired", "sumq", "hist", "hist_hi"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        self.top.to(self.device)
+        self.res.to(self.device)
+        return self
 
     # ---------------------------------------------------------------- the result
     def result(self, logits: "LogitTokens | None" = None) -> "HarvestResult":
@@ -746,11 +777,47 @@ def group_tokens(device: torch.device) -> int:
     return 16_384 if device.type == "cuda" else 4_096
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a harvest saves its progress, and how often (seconds). `key` names the SAE's weights (its
+    firing_sha); the harvest adds its own arguments to it. A file that does not match them, left by another
+    harvest, is not resumed but replaced."""
+    path: Path
+    key: str
+    every_s: float = 300.0
+
+
+def _resume(ck: Checkpoint | None, key: str, device) -> tuple[HarvestState | None, int]:
+    """The saved state and the number of batches it holds, or (None, 0) where there is nothing to resume."""
+    if ck is None or not ck.path.exists():
+        return None, 0
+    state, saved = HarvestState.load_with(ck.path, device)
+    if saved.get("key") != key:
+        log.warning("harvest: %s was left by a harvest of other weights or arguments; starting afresh", ck.path)
+        return None, 0
+    log.warning("harvest: resuming from %s (%d tokens done)", ck.path, state.n_tokens)
+    state.resumed_tokens = state.n_tokens
+    return state, saved["batches"]
+
+
+def _save_progress(ck: Checkpoint, key: str, state: HarvestState, batches: int) -> None:
+    ck.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ck.path.with_suffix(f".tmp{os.getpid()}")
+    state.save(tmp, key=key, batches=batches)
+    os.replace(tmp, ck.path)   # the file is a whole checkpoint or the previous one, however the process ends
+
+
 @torch.no_grad()
 def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = None, batch_size: int = 16,
-            shard: tuple[int, int] = (0, 1), progress: bool = True) -> HarvestState:
+            shard: tuple[int, int] = (0, 1), progress: bool = True,
+            checkpoint: Checkpoint | None = None) -> HarvestState:
     """Streams `tokens` tokens of `corpus` (this shard's part), in contexts of cfg.ctx_len tokens, through model
-    and SAE into a HarvestState."""
+    and SAE into a HarvestState.
+
+    With a checkpoint the state and the count of batches behind it are saved every `every_s` seconds, at the
+    end of a group of updates; a harvest that finds a matching checkpoint skips those batches (they are still
+    tokenised, not run) and goes on. The state is the same however the batches were grouped, so a resumed
+    harvest ends with the bits of one that was never stopped (tested)."""
     from tqdm import tqdm
 
     from .corpus import iter_contexts
@@ -765,24 +832,34 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
         raise InputError(f"--tokens must be at least one context ({ctx_len} tokens), got {tokens}")
     dev = hooked.device
     n_ctx = tokens // ctx_len
-    state = HarvestState(sae.cfg.n_latents, ctx_len, cfg, dev)
+    key = hashlib.sha256(repr((checkpoint and checkpoint.key, corpus, tokens, batch_size, shard, dev.type,
+                               sae.cfg.n_latents, dataclasses.asdict(cfg))).encode()).hexdigest()
+    state, done = _resume(checkpoint, key, dev)
+    state = state or HarvestState(sae.cfg.n_latents, ctx_len, cfg, dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     mine = n_ctx * ctx_len // shard[1]
     updates = GroupedUpdates(state, group_tokens(dev))
     # the pre-activations' buffer, reused batch after batch on the CPU (SparseAutoencoder.pre_acts); CUDA's
     # caching allocator already reuses the memory, and autocast takes no out=
     scratch = torch.empty(batch_size * ctx_len, sae.cfg.n_latents, dtype=sae.W_enc.dtype) if dev.type == "cpu" else None
-    t0 = time.perf_counter()
+    t0 = saved_at = time.perf_counter()
+    n0 = state.n_tokens
+    batches = shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard)
     with tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False) as bar:
-        for ids, tok in shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard):
+        for b, (ids, tok) in enumerate(batches):
+            bar.update(tok.numel())
+            if b < done:
+                continue
             with autocast:
                 x = hooked.activations(tok).flatten(0, 1)
                 vals, idx = sae.encode_sparse(x.to(sae.W_enc.dtype), scratch)
             updates.add(ids, tok, vals, idx, content_mask(tok, hooked.tokenizer))
-            bar.update(tok.numel())
             if not updates.parts:  # the state has just taken a group
                 bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
-                                tok_s=f"{state.n_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+                                tok_s=f"{(state.n_tokens - n0) / (time.perf_counter() - t0):.0f}", refresh=False)
+                if checkpoint and time.perf_counter() - saved_at >= checkpoint.every_s:
+                    _save_progress(checkpoint, key, state, b + 1)
+                    saved_at = time.perf_counter()
         updates.flush()
     if state.n_tokens == 0:
         raise InputError(f"shard {shard[0]}/{shard[1]} got no contexts of corpus {corpus!r}: "

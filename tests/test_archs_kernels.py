@@ -146,6 +146,25 @@ def test_topk_rows_c_kernel_on_awkward_rows(topk_path, threads):
         torch.set_num_threads(old)
 
 
+def test_the_c_kernels_portable_path_equals_torch(tmp_path, monkeypatch):
+    """csrc/topk.c built without AVX2, as on a CPU without it: the same answers."""
+    monkeypatch.setenv("SAE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_flags", lambda: ["-O2", "-shared", "-fPIC", "-fopenmp"])
+    native._topk_lib.cache_clear()
+    try:
+        if not native.available():
+            missing_tool("the C top-k of sae/native.py did not build (is a C compiler with OpenMP installed?)")
+        g = torch.Generator().manual_seed(3)
+        for n, k in [(16_384, 32), (1000, 7), (31, 5), (4096, 1)]:
+            _same_topk(torch.randn(17, n, generator=g), k)
+        _same_topk(torch.randint(0, 2, (9, 4096), generator=g).float(), 32)
+        x = torch.randn(4, 2048, generator=g)
+        x[1, 5] = float("nan")
+        assert native.topk_indices(x, 8) is None
+    finally:
+        native._topk_lib.cache_clear()
+
+
 def test_topk_rows_with_nan_or_inf_answers_as_torch(topk_path):
     """The C kernel declines rows with NaN (torch ranks NaN highest) or an infinite block max, and torch answers."""
     g = torch.Generator().manual_seed(2)

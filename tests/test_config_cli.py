@@ -111,6 +111,8 @@ def test_bad_train_config_is_one_input_error(kw, message):
      "error: --ctx and --top must be at least 2, got --ctx 1 --top 50"),
     (["harvest", "--sae", "nowhere", "--name", "x", "--tokens", "512", "--ctx", "40", "--ctx-len", "32"],
      "error: --ctx 40 is longer than the harvest contexts (--ctx-len 32); give --ctx <= --ctx-len"),
+    (["harvest", "--sae", "nowhere", "--name", "x", "--tokens", "512", "--checkpoint-every", "-5"],
+     "error: --checkpoint-every takes seconds >= 0 (0: no checkpoints), got -5.0"),
     (["sae", "train", "--model", "minilm", "--layer", "1", "--latents", "64", "--k", "64", "--tokens", "1024",
       "--out", "OUT"], "error: --k (64) must be smaller than --latents (64)"),
 ])
