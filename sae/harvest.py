@@ -815,7 +815,8 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
     and SAE into a HarvestState.
 
     With a checkpoint the state and the count of batches behind it are saved every `every_s` seconds, at the
-    end of a group of updates; a harvest that finds a matching checkpoint skips those batches (they are still
+    end of a group of updates, and no more often than keeps saving under 5% of the time (at 1 M features a
+    checkpoint is 5.7 GiB and took 18 s); a harvest that finds a matching checkpoint skips those batches (they are still
     tokenised, not run) and goes on. The state is the same however the batches were grouped, so a resumed
     harvest ends with the bits of one that was never stopped (tested)."""
     from tqdm import tqdm
@@ -843,6 +844,7 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
     # caching allocator already reuses the memory, and autocast takes no out=
     scratch = torch.empty(batch_size * ctx_len, sae.cfg.n_latents, dtype=sae.W_enc.dtype) if dev.type == "cpu" else None
     t0 = saved_at = time.perf_counter()
+    save_s = 0.0     # the last save's seconds: saves come at most every 20 of them (5% of the time)
     n0 = state.n_tokens
     batches = shard_batches(iter_contexts(corpus, hooked.tokenizer, ctx_len), n_ctx, batch_size, shard)
     with tqdm(total=mine, unit="tok", unit_scale=True, disable=not progress, desc="harvest", leave=False) as bar:
@@ -857,9 +859,11 @@ def harvest(hooked, sae, corpus: str, tokens: int, cfg: HarvestConfig | None = N
             if not updates.parts:  # the state has just taken a group
                 bar.set_postfix(alive=f"{float((state.n_fired > 0).float().mean()):.1%}",
                                 tok_s=f"{(state.n_tokens - n0) / (time.perf_counter() - t0):.0f}", refresh=False)
-                if checkpoint and time.perf_counter() - saved_at >= checkpoint.every_s:
+                if checkpoint and time.perf_counter() - saved_at >= max(checkpoint.every_s, 20 * save_s):
+                    t = time.perf_counter()
                     _save_progress(checkpoint, key, state, b + 1)
                     saved_at = time.perf_counter()
+                    save_s = saved_at - t
         updates.flush()
     if state.n_tokens == 0:
         raise InputError(f"shard {shard[0]}/{shard[1]} got no contexts of corpus {corpus!r}: "

@@ -56,11 +56,12 @@ def test_a_stopped_harvest_resumes_to_the_bits_of_an_unbroken_one(model, tmp_pat
         with pytest.raises(RuntimeError, match="crash"):
             harvest(hm, sae, "builtin", tokens, CFG, batch_size=BATCH, progress=False, checkpoint=ck)
     saved, extra = HarvestState.load_with(ck.path)
-    assert extra["batches"] == 32                          # the last whole group before the crash
+    # a whole update group before the crash (the last, unless saves were spaced to 20x their own duration)
+    assert extra["batches"] in (16, 32)
     with monkeypatch.context() as m:
         calls = _forwards(m, hm)
         state = harvest(hm, sae, "builtin", tokens, CFG, batch_size=BATCH, progress=False, checkpoint=ck)
-    assert len(calls) == 64 - 32                            # the saved batches are not run again
+    assert len(calls) == 64 - extra["batches"]              # the saved batches are not run again
     assert state.resumed_tokens == saved.n_tokens > 0
     _assert_same(state.result(), unbroken)
 
@@ -69,7 +70,7 @@ def test_a_stopped_harvest_resumes_to_the_bits_of_an_unbroken_one(model, tmp_pat
         calls = _forwards(m, hm)
         state = harvest(hm, sae, "builtin", tokens // 2, CFG, batch_size=BATCH, progress=False, checkpoint=ck)
     assert len(calls) == 32 and state.resumed_tokens == 0
-    assert HarvestState.load_with(ck.path)[1]["batches"] == 32
+    assert HarvestState.load_with(ck.path)[1]["key"] != extra["key"]
 
 
 def test_killed_cli_harvest_goes_on_from_its_checkpoint(conn, names, sae_dir, cli, tmp_path):
