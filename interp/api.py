@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from psycopg_pool import ConnectionPool, PoolTimeout
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
@@ -53,6 +54,7 @@ MAX_NAME = 200
 MAX_INDEX = 2**31 - 1           # features.idx is int4
 MAX_CURSOR = 512
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
+DOCS_STATIC = "/docs-static"     # Swagger UI's script and styles: a path under "/docs", so open like it
 OPEN_PATHS = ("/static/", "/login", "/docs", "/openapi.json")   # served to anyone, read token or not
 TOKEN_COOKIE = "interp_token"   # the read token, for pages a browser opens (a link cannot send a header)
 APP_NAME = "interp-api"         # the pool's connections in pg_stat_activity
@@ -287,8 +289,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         pool.close()
 
-    app = FastAPI(title="interp", summary="SAE feature catalog: search, features, labels, labelling jobs",
-                  lifespan=lifespan)
+    # FastAPI's own /docs loads Swagger UI from a CDN, which a lab's offline box cannot reach; fastapi-offline
+    # serves it from files in its wheel. No /redoc: ReDoc still fetches its logo from a CDN.
+    app = FastAPIOffline(title="interp", summary="SAE feature catalog: search, features, labels, labelling jobs",
+                         lifespan=lifespan, static_url=DOCS_STATIC, redoc_url=None)
     app.state.pool, app.state.pool_timeout_s = pool, 5.0
     app.state.db_shown = redact_url(settings.database_url)
     app.add_middleware(Guard, settings=settings)

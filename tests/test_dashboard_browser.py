@@ -126,3 +126,14 @@ def test_jobs_page_queues_a_job_and_shows_its_progress_live(site, browser, tmp_p
     bar = card.find_element(By.CSS_SELECTOR, ".bar > div")
     assert re.fullmatch(r"width: 100(\.0)?%;", bar.get_attribute("style"))
     browser.save_screenshot(str(tmp_path / "jobs.png"))
+
+
+def test_api_docs_render_without_a_cdn(site, browser, tmp_path):
+    """/docs (Swagger UI) runs from files the server itself serves: nothing is fetched from elsewhere."""
+    base, _ = site
+    browser.get(base + "/docs")
+    paths = wait(browser, lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")])
+    assert {"/saes", "/features", "/jobs/{job_id}/cancel"} <= set(paths)
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert fetched and all(u.startswith(base) for u in fetched), fetched
+    browser.save_screenshot(str(tmp_path / "docs.png"))
