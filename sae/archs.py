@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, first_line
-from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
+from .kernels import Pattern, flat_pattern, sparse_decode, sparse_linear, topk_flat, topk_pattern, topk_rows
 
 
 @dataclass
@@ -363,7 +363,7 @@ def _global_batch_topk(flat: torch.Tensor, n_local: int) -> tuple[torch.Tensor, 
     n_sel = int(n[0])
     # only a rank's own top n_sel can be among the global top n_sel; pad to one size for all_gather
     c = min(n_sel, flat.numel())
-    cand = flat.topk(c, sorted=False).values
+    cand = topk_flat(flat, c)[0]
     size = torch.tensor([c], device=flat.device)
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     padded = torch.full((int(size),), -1.0, dtype=flat.dtype, device=flat.device)
@@ -395,7 +395,7 @@ class BatchTopKSAE(TopKSAE):
         if _world() > 1:
             vals, flat_idx = _global_batch_topk(flat, pre.shape[0] * self.cfg.k)
         else:
-            vals, flat_idx = flat.topk(pre.shape[0] * self.cfg.k, sorted=False)
+            vals, flat_idx = topk_flat(flat, pre.shape[0] * self.cfg.k)
         # the smallest selected activation, tracked as an EMA in float32 for inference
         pos = vals > 0
         lo = vals[pos].min().float() if bool(pos.any()) else torch.tensor(math.inf, device=pre.device)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from sae import native
 from sae.archs import SAEConfig, TopKSAE
-from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_pattern, topk_rows
+from sae.kernels import TOPK_GROUP, flat_pattern, sparse_decode, sparse_linear, topk_flat, topk_pattern, topk_rows
 from tests.helpers import missing_tool
 
 
@@ -178,6 +178,28 @@ def test_topk_rows_with_nan_or_inf_answers_as_torch(topk_path):
         ref = x.topk(16, dim=-1, sorted=False).values
         torch.testing.assert_close(vals.sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
         torch.testing.assert_close(x.gather(1, idx), vals, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_flat_equals_torch_topk(topk_path, threads):
+    """BatchTopK's selection over a whole batch: relu'd pre-activations (half of them tied at 0), a k larger
+    than the positive entries (zeros then fill it), lengths that do not split evenly, and the gradient."""
+    g = torch.Generator().manual_seed(4)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k in [(64 * 4096, 4096), (10_001, 100), (3, 2), (1000, 1000)]:
+            x = torch.randn(n, generator=g).relu().requires_grad_()
+            vals, idx = topk_flat(x, k)
+            assert torch.equal(vals.sort().values, x.topk(k).values.sort().values)
+            assert torch.equal(x[idx], vals) and idx.unique().numel() == k
+            vals.sum().backward()
+            assert torch.equal(x.grad, torch.zeros(n).index_fill_(0, idx, 1.0))
+        x = torch.randn(4096, generator=g).relu()
+        vals, idx = topk_flat(x, 3000)                           # more than the positive entries
+        assert torch.equal(vals.sort().values, x.topk(3000).values.sort().values)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_topk_rows_gradient_reaches_the_selected_entries(topk_path):
