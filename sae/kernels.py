@@ -125,7 +125,7 @@ def topk_flat(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest entries of a 1-D x, unsorted, as x.topk(k, sorted=False) gives them.
 
     On the CPU torch's top-k over one long array is slow: BatchTopK's k = 65,536 of 16.7 M entries (4,096
-    tokens x 4,096 latents) took 230-280 ms at 2 threads, twice a whole TopK training step. Here the array is
+    tokens x 4,096 latents) took 207-280 ms at 2 threads, twice a whole TopK training step. Here the array is
     cut into a row per thread for topk_rows (the C kernel's threads work on rows); the k largest of the whole
     are among the k largest of each row, and one top-k over those finishes."""
     n, T = x.numel(), torch.get_num_threads()
