@@ -3,7 +3,6 @@ the result into the catalog through the store. With --shard i/n each shard saves
 and the shard that completes the set merges them (exactly the unsharded result) under an advisory lock."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,9 +61,7 @@ def _claim_merge(conn, name: str, state, folder: Path, i: int, n: int, ck: Check
 
     folder.mkdir(parents=True, exist_ok=True)
     target = _shard_file(folder, i, n)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    state.save(tmp)
-    os.replace(tmp, target)  # a shard file is either complete or absent
+    state.save(target)  # a shard file is either complete or absent
     if ck:
         ck.path.unlink(missing_ok=True)
     # saved before the lock, checked under it: of shards finishing together exactly one merges

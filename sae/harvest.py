@@ -456,10 +456,14 @@ class HarvestState:
         return torch.zeros_like(hist).scatter_add_(1, new_bin, hist)
 
     def save(self, path, **extra) -> None:
-        """The whole state to `path`, with any `extra` entries beside it (read back by `load_with`)."""
+        """The whole state to `path`, with any `extra` entries beside it (read back by `load_with`). Written to
+        a temporary sibling and renamed: the file is whole or the one before it, however the process ends."""
         self.top.flush()
         self.res.flush()
-        torch.save({"state": self.__dict__, **extra}, path)
+        path = Path(path)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state": self.__dict__, **extra}, tmp)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, device="cpu") -> "HarvestState":
@@ -802,9 +806,7 @@ def _resume(ck: Checkpoint | None, key: str, device) -> tuple[HarvestState | Non
 
 def _save_progress(ck: Checkpoint, key: str, state: HarvestState, batches: int) -> None:
     ck.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ck.path.with_suffix(f".tmp{os.getpid()}")
-    state.save(tmp, key=key, batches=batches)
-    os.replace(tmp, ck.path)   # the file is a whole checkpoint or the previous one, however the process ends
+    state.save(ck.path, key=key, batches=batches)
 
 
 @torch.no_grad()
