@@ -98,12 +98,11 @@ static int64_t bin_of(float m, float lo, float scale) {
     return f > 0 ? (f < NBIN - 1 ? (int64_t)f : NBIN - 1) : 0;
 }
 
-/* t with at least k of mx[0, nb) >= t, near the k-th largest: needs nb >= k and finite mx. Each level keeps
- * the maxima in [lo, hi], all those above hi counted in `above`, and narrows to the one bin that holds the
- * k-th largest (the bins are monotone in the value, so every bin above holds larger maxima only). */
-static float threshold(const float *mx, int64_t nb, int64_t k) {
-    float lo = mx[0], hi = mx[0];
-    for (int64_t i = 1; i < nb; i++) { lo = mx[i] < lo ? mx[i] : lo; hi = mx[i] > hi ? mx[i] : hi; }
+/* t with at least k of mx[0, nb) >= t, near the k-th largest: needs nb >= k and finite mx, whose smallest and
+ * largest are lo and hi. Each level keeps the maxima in [lo, hi], all those above hi counted in `above`, and
+ * narrows to the one bin that holds the k-th largest (the bins are monotone in the value, so every bin above
+ * holds larger maxima only). */
+static float threshold(const float *mx, int64_t nb, int64_t k, float lo, float hi) {
     int64_t above = 0;
     for (int level = 0; level < 3 && hi > lo; level++) {
         int64_t cnt[NBIN] = {0};
@@ -155,7 +154,7 @@ int topk_rows_f32(const float *x, int64_t N, int64_t n, int64_t k, int64_t *out,
 #endif
             if (nb && (isinf(lo) || isinf(hi))) bad = 1;
             if (bad) continue;
-            Buf b = {v, ix, 0, cap, k, nb >= k ? threshold(mx, nb, k) : -INFINITY};
+            Buf b = {v, ix, 0, cap, k, nb >= k ? threshold(mx, nb, k, lo, hi) : -INFINITY};
             for (int64_t i = 0; i < nb; i++)
                 if (mx[i] >= b.t) take_block(&b, row + i * BLK, i * BLK);
             for (int64_t j = nb * BLK; j < n; j++)
